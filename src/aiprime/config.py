@@ -1,0 +1,125 @@
+"""One typed settings object for the whole toolkit.
+
+Precedence (highest first): explicit arguments, ``AIPRIME_*`` environment variables,
+``$AIPRIME_HOME/config.toml``, defaults. Nested fields use ``__`` in the environment,
+e.g. ``AIPRIME_CHUNK__SIZE_TOKENS=200``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_EMBED_MODEL = "all-MiniLM-L6-v2"
+
+
+def default_home() -> Path:
+    """Data directory: ``$AIPRIME_HOME`` or the platform's user data directory."""
+    env = os.environ.get("AIPRIME_HOME")
+    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("aiprime"))
+
+
+class ChunkSettings(BaseModel):
+    size_tokens: int = Field(200, ge=16, le=4096, description="Target chunk length in model tokens.")
+    overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive chunks.")
+
+    @field_validator("overlap_tokens")
+    @classmethod
+    def _overlap_smaller(cls, v: int, info: Any) -> int:
+        size = info.data.get("size_tokens", 200)
+        if v >= size:
+            raise ValueError(f"overlap_tokens ({v}) must be smaller than size_tokens ({size})")
+        return v
+
+
+class EmbedSettings(BaseModel):
+    model: str = Field(DEFAULT_EMBED_MODEL, description="Name, local path or HF-cache id.")
+    backend: Literal["torch", "onnx", "onnx-int8"] = "onnx-int8"
+    batch_size: int = Field(64, ge=1)
+    max_seq_length: int = Field(256, ge=8)
+    threads: int = Field(0, ge=0, description="CPU threads; 0 means all cores.")
+
+
+class RetrieveSettings(BaseModel):
+    mode: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    fusion: Literal["rrf", "mix"] = "mix"
+    rrf_k: int = Field(60, ge=1)
+    # Weight of the dense score in the normalized mix; 0.5 is a neutral prior, the
+    # tuned value (on a *train* split) is written by `aiprime eval tune`.
+    dense_weight: float = Field(0.5, ge=0.0, le=1.0)
+    candidates: int = Field(100, ge=1, description="Depth of each retriever before fusion.")
+
+
+class Settings(BaseSettings):
+    """Everything configurable, validated once."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AIPRIME_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    home: Path = Field(default_factory=default_home)
+    collection: str = "default"
+    chunk: ChunkSettings = Field(default_factory=ChunkSettings)
+    embed: EmbedSettings = Field(default_factory=EmbedSettings)
+    retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    @property
+    def store_dir(self) -> Path:
+        return self.home / "store"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home, self.store_dir, self.cache_dir, self.models_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads ``config.toml`` from the data directory (or ``$AIPRIME_CONFIG``)."""
+
+    def _path(self) -> Path:
+        explicit = os.environ.get("AIPRIME_CONFIG")
+        return Path(explicit) if explicit else default_home() / "config.toml"
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = self._path()
+        if not path.is_file():
+            return {}
+        try:
+            with path.open("rb") as f:
+                return tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML: {e}") from e
+
+
+def load_settings(home: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; ``home`` (e.g. from ``--home``) wins over the environment."""
+    if home is not None:
+        overrides["home"] = Path(home).expanduser()
+    return Settings(**overrides)
