@@ -26,7 +26,9 @@ def default_home() -> Path:
 
 
 class ChunkSettings(BaseModel):
-    size_tokens: int = Field(200, ge=16, le=4096, description="Target chunk length in model tokens.")
+    size_tokens: int = Field(
+        200, ge=16, le=4096, description="Target chunk length in model tokens."
+    )
     overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive chunks.")
 
     @field_validator("overlap_tokens")
@@ -78,7 +80,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TomlSource(settings_cls))
+        # The config file lives in the data directory actually used: an explicit ``home``
+        # (e.g. ``--home``) must find its own config.toml, not $AIPRIME_HOME's.
+        explicit_home = getattr(init_settings, "init_kwargs", {}).get("home")
+        return (init_settings, env_settings, _TomlSource(settings_cls, explicit_home))
 
     @property
     def store_dir(self) -> Path:
@@ -100,9 +105,15 @@ class Settings(BaseSettings):
 class _TomlSource(PydanticBaseSettingsSource):
     """Reads ``config.toml`` from the data directory (or ``$AIPRIME_CONFIG``)."""
 
+    def __init__(self, settings_cls: type[BaseSettings], home: str | Path | None = None) -> None:
+        super().__init__(settings_cls)
+        self._home = Path(home).expanduser() if home is not None else None
+
     def _path(self) -> Path:
         explicit = os.environ.get("AIPRIME_CONFIG")
-        return Path(explicit) if explicit else default_home() / "config.toml"
+        if explicit:
+            return Path(explicit)
+        return (self._home or default_home()) / "config.toml"
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False

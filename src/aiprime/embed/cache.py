@@ -75,7 +75,9 @@ class CachedEmbedder:
     ) -> np.ndarray:
         keys = [EmbeddingCache.key(self.model_id, t) for t in texts]
         found = self.cache.get_many(list(dict.fromkeys(keys)), self.dim)
-        todo = [i for i, k in enumerate(keys) if k not in found]
+        # One index per distinct unseen text: duplicates within a call are encoded once.
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        todo = [first[k] for k in dict.fromkeys(keys) if k not in found]
         self.hits += len(texts) - len(todo)
         self.misses += len(todo)
         if todo:

@@ -43,5 +43,7 @@ class SentenceTransformerEmbedder:
         return np.asarray(out, dtype=np.float32)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        enc = self.model.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        enc = self.model.tokenizer(list(texts), add_special_tokens=False, verbose=False)[
+            "input_ids"
+        ]
         return [len(x) for x in enc]

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .config import Activation
 
 _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_grouped_mm_op = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_KERNEL = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
@@ -21,7 +21,7 @@ def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
     It refuses other dtypes, mixed dtypes, and row strides or base pointers that are not a
     multiple of 16 bytes (e.g. ``d = 5`` in float32), in which case we fall back.
     """
-    if _grouped_mm_op is None or a.dtype not in _GMM_DTYPES or a.dtype != b.dtype:
+    if _KERNEL is None or a.dtype not in _GMM_DTYPES or a.dtype != b.dtype:
         return False
     if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (8, 0):
         return False
@@ -29,16 +29,15 @@ def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
     k, n = b.shape[-2], b.shape[-1]
     if (k * size) % 16 or (n * size) % 16:
         return False
-    if torch.compiler.is_compiling():
-        return True  # fake tensors have no storage; compiled buffers are aligned
-    return a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+    # empty tensors may have an unaligned (null) pointer but are never read
+    return all(t.numel() == 0 or t.data_ptr() % 16 == 0 for t in (a, b))
 
 
 def _gmm(a: Tensor, b: Tensor, offs: Tensor, use_kernel: bool) -> Tensor:
     """``out[rows of group e] = a[rows of group e] @ b[e]``; ``offs[-1]`` must equal ``len(a)``."""
     if use_kernel:
-        assert _grouped_mm_op is not None
-        return _grouped_mm_op(a.contiguous(), b, offs=offs)
+        assert _KERNEL is not None
+        return _KERNEL(a.contiguous(), b, offs=offs)
     # Fallback: one matmul per non-empty group, only for layouts the kernel refuses.
     out = a.new_empty(a.shape[0], b.shape[-1])
     start = 0
@@ -52,8 +51,8 @@ def _gmm(a: Tensor, b: Tensor, offs: Tensor, use_kernel: bool) -> Tensor:
 def _gmm_weight_grad(a: Tensor, g: Tensor, offs: Tensor, n_groups: int, use_kernel: bool) -> Tensor:
     """``grad_b[e] = a[rows of e].T @ g[rows of e]``, zero for empty groups."""
     if use_kernel and a.shape[0] > 0:
-        assert _grouped_mm_op is not None
-        return _grouped_mm_op(a.t(), g, offs=offs)
+        assert _KERNEL is not None
+        return _KERNEL(a.t(), g, offs=offs)
     out = a.new_zeros(n_groups, a.shape[1], g.shape[1])
     start = 0
     for e, end in enumerate(offs.tolist()):
@@ -63,27 +62,48 @@ def _gmm_weight_grad(a: Tensor, g: Tensor, offs: Tensor, n_groups: int, use_kern
     return out
 
 
-class _GroupedMM(torch.autograd.Function):
-    """Autograd wrapper so backward also uses grouped_mm and tolerates non-contiguous grads."""
+@torch.library.custom_op("aiprime::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    # An opaque custom op: torch.compile's meta kernel of grouped_mm only accepts bf16,
+    # so hiding the call lets float32 models compile around it.
+    return _gmm(a, b, offs, grouped_mm_supported(a, b))
 
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-        use_kernel = grouped_mm_supported(a, b)
-        ctx.save_for_backward(a, b, offs)
-        ctx.use_kernel = use_kernel
-        return _gmm(a, b, offs, use_kernel)
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        a, b, offs = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            bt = b.transpose(-2, -1)
-            grad_a = _gmm(grad, bt, offs, ctx.use_kernel)
-        if ctx.needs_input_grad[1]:
-            grad_b = _gmm_weight_grad(a, grad, offs, b.shape[0], ctx.use_kernel)
-        return grad_a, grad_b, None
+@_grouped_mm_op.register_fake
+def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@torch.library.custom_op("aiprime::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad_op(a: Tensor, g: Tensor, offs: Tensor, n_groups: int) -> Tensor:
+    # the kernel needs the K and N row strides of a and g 16-byte aligned (not the jagged M)
+    use_kernel = grouped_mm_supported(a, g.new_empty(0, a.shape[1], g.shape[1]))
+    return _gmm_weight_grad(a, g, offs, n_groups, use_kernel)
+
+
+@_grouped_mm_weight_grad_op.register_fake
+def _(a: Tensor, g: Tensor, offs: Tensor, n_groups: int) -> Tensor:
+    return a.new_empty(n_groups, a.shape[1], g.shape[1])
+
+
+def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    # grad may be non-contiguous (e.g. expanded from a sum), which the kernel refuses
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = _grouped_mm_op(grad, b.transpose(-2, -1), offs)
+    if ctx.needs_input_grad[1]:
+        grad_b = _grouped_mm_weight_grad_op(a, grad, offs, b.shape[0])
+    return grad_a, grad_b, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
@@ -93,9 +113,8 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     ``torch.nn.functional.grouped_mm`` (CPU and CUDA sm80+) when the layout allows and a
     per-group ``torch.mm`` otherwise.
     """
-    if a.shape[0] == 0:
-        return a.new_zeros(0, b.shape[-1]) + (b.sum() * 0).to(a.dtype)
-    return _GroupedMM.apply(a, b, offsets.to(torch.int32))
+    out: Tensor = _grouped_mm_op(a, b, offsets.to(torch.int32))
+    return out
 
 
 class GroupedExperts(nn.Module):

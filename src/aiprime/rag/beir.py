@@ -7,16 +7,19 @@ only (``tune_hybrid``); the test split is for reporting.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from aiprime.config import RetrieveSettings
+from aiprime.config import RetrieveSettings, Settings
+from aiprime.embed import Embedder
 from aiprime.rag.fusion import best_per_doc, rrf, score_mix
 from aiprime.rag.retrieve import Mode, Retriever
 from aiprime.store import Hit
@@ -72,8 +75,12 @@ def load_beir(root: Path, split: str) -> BeirData:
     return BeirData(root, corpus, queries, qrels)
 
 
-def collection_for(root: Path) -> str:
-    return "beir-" + re.sub(r"[^A-Za-z0-9_-]", "-", Path(root).resolve().name)[:40]
+def collection_for(root: Path, config_key: str = "") -> str:
+    """One collection per dataset *and* embedding/chunking configuration."""
+    name = "beir-" + re.sub(r"[^A-Za-z0-9_-]", "-", Path(root).resolve().name)[:40]
+    if config_key:
+        name += "-" + hashlib.sha256(config_key.encode()).hexdigest()[:8]
+    return name
 
 
 def metrics(run: Run, qrels: Qrels) -> dict[str, float]:
@@ -121,7 +128,9 @@ class Components:
 
 
 def fetch_components(
-    retriever: Retriever, queries: dict[str, str], depth: int,
+    retriever: Retriever,
+    queries: dict[str, str],
+    depth: int,
     on_progress: Callable[[int], None] | None = None,
 ) -> Components:
     qids = list(queries)
@@ -146,7 +155,9 @@ def to_run(ranked: dict[str, list[Hit]], n_docs: int = 100) -> Run:
 
 
 def tune_hybrid(
-    comps: Components, qrels: Qrels, base: RetrieveSettings,
+    comps: Components,
+    qrels: Qrels,
+    base: RetrieveSettings,
     weights: Sequence[float] = tuple(np.round(np.arange(0.0, 1.0001, 0.05), 2)),
 ) -> tuple[RetrieveSettings, list[dict[str, float]]]:
     """Grid-search the fusion on the given (train) judgements; returns the best settings."""
@@ -162,3 +173,67 @@ def tune_hybrid(
             best = (m["ndcg@10"], s)
     assert best is not None
     return best[1], trials
+
+
+def evaluate_beir(
+    settings: Settings,
+    dataset: Path,
+    split: str,
+    retriever: Mode,
+    tune_split: str | None = None,
+    progress: Any = None,
+    embedder: Embedder | None = None,
+) -> dict[str, Any]:
+    """Ingest the corpus (incrementally), optionally tune fusion on ``tune_split``, evaluate.
+
+    The corpus goes to its own collection, keyed by dataset and embedding/chunking
+    configuration, so reruns only query and configurations never mix.
+    """
+    from aiprime.rag.kb import KnowledgeBase
+
+    if tune_split is not None and tune_split == split:
+        raise BeirError(f"refusing to tune on the split being reported ({split!r})")
+    data = load_beir(dataset, split)
+    c = settings
+    key = f"{c.embed.model}|{c.embed.backend}|{c.chunk.size_tokens}|{c.chunk.overlap_tokens}"
+    kb = KnowledgeBase(settings, collection=collection_for(dataset, key), embedder=embedder)
+    report = kb.ingest([data.corpus], progress)
+    if report.errors and not kb.store.count():
+        raise BeirError(f"{data.corpus}: nothing could be ingested: {report.errors[0]}")
+    rsettings: RetrieveSettings = kb.settings.retrieve
+    depth = 300  # chunks; enough to fill 100 documents at ~2-3 chunks per document
+    tuning: list[dict[str, float]] | None = None
+    if tune_split is not None and retriever == "hybrid":
+        tdata = load_beir(dataset, tune_split)
+        if progress is not None:
+            progress.task(f"tuning on {tune_split}", len(tdata.queries))
+        tcomps = fetch_components(kb.retriever, tdata.queries, depth, _advance(progress))
+        rsettings, tuning = tune_hybrid(tcomps, tdata.qrels, rsettings)
+    if progress is not None:
+        progress.task(f"querying {split}", len(data.queries))
+    comps = fetch_components(kb.retriever, data.queries, depth, _advance(progress))
+    result: dict[str, Any] = dict(metrics(to_run(comps.fuse(rsettings, retriever)), data.qrels))
+    result.update(
+        {
+            "dataset": str(Path(dataset).resolve()),
+            "split": split,
+            "retriever": retriever,
+            "queries": len(data.queries),
+            "chunks": kb.store.count(),
+            "embedder": kb.embedder.model_id,
+            "chunk_size_tokens": kb.settings.chunk.size_tokens,
+            "chunk_overlap_tokens": kb.settings.chunk.overlap_tokens,
+            "fusion": rsettings.fusion if retriever == "hybrid" else None,
+            "dense_weight": rsettings.dense_weight if retriever == "hybrid" else None,
+            "tuned_on": tune_split if tuning is not None else None,
+            "retrieval_ms_per_query_depth300": 1000 * comps.seconds / max(1, len(data.queries)),
+            "ingest": report.to_dict() | {"errors": [str(e) for e in report.errors[:20]]},
+        }
+    )
+    if tuning is not None:
+        result["tuning_trials"] = tuning
+    return result
+
+
+def _advance(progress: Any) -> Callable[[int], None] | None:
+    return None if progress is None else progress.advance

@@ -3,7 +3,8 @@
 Rules, in order: a chunk never crosses a heading; whole paragraphs are packed while they
 fit; a paragraph too long for one chunk is cut between sentences, with ``overlap``
 tokens of trailing sentences repeated in the next chunk; a sentence too long on its own
-is cut between words. Each chunk is an exact slice ``doc.text[start:end]``.
+is cut between words, and a single word too long on its own between characters. Each
+chunk is an exact slice ``doc.text[start:end]``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def _words(text: str, start: int, end: int) -> list[tuple[int, int]]:
 
 
 class Chunker:
-    def __init__(self, count_tokens: TokenCounter, size_tokens: int = 200, overlap_tokens: int = 32):
+    def __init__(
+        self, count_tokens: TokenCounter, size_tokens: int = 200, overlap_tokens: int = 32
+    ):
         if overlap_tokens >= size_tokens:
             raise ValueError("overlap_tokens must be smaller than size_tokens")
         self.count = count_tokens
@@ -81,8 +84,13 @@ class Chunker:
                     continue
                 words = _words(text, s, e)
                 wcounts = self.count([text[a:z] for a, z in words])
+                pieces = [
+                    p
+                    for (a, z), wn in zip(words, wcounts, strict=True)
+                    for p in ([(a, z, wn)] if wn <= self.size else self._cut_word(text, a, z))
+                ]
                 cur_s, cur_n, last_e = words[0][0], 0, words[0][0]
-                for (a, z), wn in zip(words, wcounts, strict=True):
+                for a, z, wn in pieces:
                     if cur_n and cur_n + wn > self.size:
                         units.append(_Unit(cur_s, last_e, cur_n, p))
                         cur_s, cur_n = a, 0
@@ -90,6 +98,22 @@ class Chunker:
                     last_e = z
                 units.append(_Unit(cur_s, last_e, cur_n, p))
         return units
+
+    def _cut_word(self, text: str, start: int, end: int) -> list[tuple[int, int, int]]:
+        """Cut one whitespace-free run (a hash, a URL) longer than the budget by characters."""
+        out: list[tuple[int, int, int]] = []
+        pos = start
+        while pos < end:
+            lo, hi = pos + 1, end  # longest prefix text[pos:cut] that fits the budget
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.count([text[pos:mid]])[0] <= self.size:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            out.append((pos, lo, self.count([text[pos:lo]])[0]))
+            pos = lo
+        return out
 
     def _pack(self, units: list[_Unit]) -> list[tuple[int, int]]:
         spans: list[tuple[int, int]] = []

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from aiprime.store import Hit
 
 
-def _merge(named: dict[str, Sequence[Hit]]) -> dict[str, Hit]:
+def _merge(named: Mapping[str, Sequence[Hit]]) -> dict[str, Hit]:
     """One ``Hit`` per chunk id, carrying every retriever's score and rank."""
     merged: dict[str, Hit] = {}
     for name, hits in named.items():
@@ -18,7 +18,7 @@ def _merge(named: dict[str, Sequence[Hit]]) -> dict[str, Hit]:
     return merged
 
 
-def rrf(named: dict[str, Sequence[Hit]], k: int = 60) -> list[Hit]:
+def rrf(named: Mapping[str, Sequence[Hit]], k: int = 60) -> list[Hit]:
     """Reciprocal rank fusion (Cormack et al., 2009): scale-free, needs no tuning."""
     merged = _merge(named)
     for h in merged.values():
@@ -35,7 +35,7 @@ def minmax(scores: Sequence[float]) -> list[float]:
     return [(s - lo) / (hi - lo) for s in scores]
 
 
-def score_mix(named: dict[str, Sequence[Hit]], weights: dict[str, float]) -> list[Hit]:
+def score_mix(named: Mapping[str, Sequence[Hit]], weights: dict[str, float]) -> list[Hit]:
     """Convex mix of per-query min-max normalised scores; a missing score counts as 0."""
     norm: dict[str, dict[str, float]] = {
         n: dict(zip((h.id for h in hits), minmax([h.score for h in hits]), strict=True))

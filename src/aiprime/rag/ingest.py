@@ -16,8 +16,7 @@ from pathlib import Path
 from aiprime.embed import Embedder
 from aiprime.rag.chunking import Chunk, Chunker
 from aiprime.rag.loaders import LoadError, discover, load_file
-from aiprime.store import ChunkRecord
-from aiprime.store.lance import LanceStore
+from aiprime.store import ChunkRecord, Store
 
 
 class Progress:
@@ -30,6 +29,11 @@ class Progress:
     def chunks_total(self, n: int) -> None: ...
 
     def chunks_done(self, n: int) -> None: ...
+
+    def task(self, name: str, total: int) -> None:
+        """Start a further named step (e.g. querying during an evaluation)."""
+
+    def advance(self, n: int = 1) -> None: ...
 
 
 @dataclass
@@ -74,7 +78,7 @@ def chunk_id(source: str, source_hash: str, doc_id: str, index: int) -> str:
 class Ingestor:
     def __init__(
         self,
-        store: LanceStore,
+        store: Store,
         embedder: Embedder,
         chunker: Chunker,
         batch_chunks: int = 4096,
@@ -151,10 +155,18 @@ class Ingestor:
                 vec = vectors[k // self.embed_batch][k % self.embed_batch]
                 records.append(
                     ChunkRecord(
-                        id=chunk_id(src, digest, c.doc_id, c.index), source=src,
-                        source_hash=digest, doc_id=c.doc_id, title=c.title, text=c.text,
-                        chunk_index=c.index, start=c.start, end=c.end, page=c.page,
-                        ingested_at=now, vector=vec,
+                        id=chunk_id(src, digest, c.doc_id, c.index),
+                        source=src,
+                        source_hash=digest,
+                        doc_id=c.doc_id,
+                        title=c.title,
+                        text=c.text,
+                        chunk_index=c.index,
+                        start=c.start,
+                        end=c.end,
+                        page=c.page,
+                        ingested_at=now,
+                        vector=vec,
                     )
                 )
                 k += 1
@@ -170,7 +182,7 @@ class Ingestor:
             report.chunks_embedded += len(records)
 
 
-def remove(store: LanceStore, targets: Sequence[str], missing: bool = False) -> list[str]:
+def remove(store: Store, targets: Sequence[str], missing: bool = False) -> list[str]:
     """Remove sources by exact path, by folder prefix, or (``missing``) whose file is gone."""
     with store.write_lock():
         known = store.sources()

@@ -102,7 +102,9 @@ def _decode(path: Path, data: bytes) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise LoadError(path, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from e
+        raise LoadError(
+            path, f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from e
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -118,7 +120,22 @@ def _load_html(path: Path, data: bytes) -> Document:
     blocks: list[Block] = []
     heading: list[tuple[int, str]] = []
     pos = 0
-    wanted = ["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "blockquote", "td", "th", "dd", "dt"]
+    wanted = [
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "p",
+        "li",
+        "pre",
+        "blockquote",
+        "td",
+        "th",
+        "dd",
+        "dt",
+    ]
     for el in (soup.body or soup).find_all(wanted):
         if el.find_parent(wanted[6:]) is not None:
             continue  # already part of an enclosing block

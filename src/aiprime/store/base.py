@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -107,6 +108,14 @@ class Store(Protocol):
     def text_search(self, query: str, k: int, where: str | None = None) -> list[Hit]: ...
 
     def count(self) -> int: ...
+
+    def write_lock(self) -> AbstractContextManager[None]:
+        """Held by the one writer of a collection across processes."""
+        ...
+
+    def repair(self) -> int:
+        """Undo a write interrupted half-way; returns the number of rows dropped."""
+        ...
 
     def finalize(self) -> None:
         """Bring indexes up to date after a batch of writes."""

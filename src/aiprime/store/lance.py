@@ -23,7 +23,16 @@ import pyarrow as pa
 from aiprime.store.base import ChunkRecord, Hit, SourceInfo, StoreError, check_collection_name
 
 _COLUMNS = [
-    "id", "source", "doc_id", "title", "text", "chunk_index", "start", "end", "page", "modality",
+    "id",
+    "source",
+    "doc_id",
+    "title",
+    "text",
+    "chunk_index",
+    "start",
+    "end",
+    "page",
+    "modality",
 ]
 
 
@@ -213,7 +222,9 @@ class LanceStore:
         n = table.count_rows()
         if n >= self.ann_min_rows and "vector_idx" not in names:
             table.create_index(
-                metric="cosine", index_type="IVF_HNSW_SQ", vector_column_name="vector",
+                metric="cosine",
+                index_type="IVF_HNSW_SQ",
+                vector_column_name="vector",
                 name="vector_idx",
             )
         table.optimize(cleanup_older_than=timedelta(days=1))
@@ -244,9 +255,17 @@ class LanceStore:
             score = base + sign * float(r[key])
             hits.append(
                 Hit(
-                    id=r["id"], source=r["source"], doc_id=r["doc_id"], title=r["title"],
-                    text=r["text"], chunk_index=r["chunk_index"], start=r["start"], end=r["end"],
-                    page=r["page"], score=score, modality=r["modality"],
+                    id=r["id"],
+                    source=r["source"],
+                    doc_id=r["doc_id"],
+                    title=r["title"],
+                    text=r["text"],
+                    chunk_index=r["chunk_index"],
+                    start=r["start"],
+                    end=r["end"],
+                    page=r["page"],
+                    score=score,
+                    modality=r["modality"],
                 )
             )
         return hits
@@ -256,7 +275,7 @@ class LanceStore:
         if table is None:
             return []
         q = table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
-        q = q.distance_type("cosine").limit(k).select(_COLUMNS)
+        q = q.distance_type("cosine").limit(k).select([*_COLUMNS, "_distance"])
         if where:
             q = q.where(where, prefilter=True)
         # cosine distance = 1 - cosine similarity; report the similarity.

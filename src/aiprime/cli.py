@@ -1,0 +1,306 @@
+"""The ``aiprime`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LANCE_LOG", "error")  # lance's Rust logger
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+from aiprime.config import Settings, load_settings
+from aiprime.rag.ingest import Progress
+
+app = typer.Typer(
+    help="aiprime: Mixture-of-Experts, retrieval-augmented generation and multimodal search.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+eval_app = typer.Typer(help="Reproducible evaluations.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+console = Console()
+err = Console(stderr=True)
+
+
+class _State:
+    home: Path | None = None
+    collection: str | None = None
+
+
+state = _State()
+
+
+def settings() -> Settings:
+    s = load_settings(state.home)
+    if state.collection:
+        s = s.model_copy(update={"collection": state.collection})
+    return s
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "sentence_transformers", "onnxruntime", "lancedb", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@app.callback()
+def _main(
+    home: Annotated[
+        Path | None,
+        typer.Option("--home", help="Data directory (store, caches, models). Env: AIPRIME_HOME."),
+    ] = None,
+    collection: Annotated[
+        str | None, typer.Option("--collection", "-c", help="Collection to use.")
+    ] = None,
+) -> None:
+    state.home = home
+    state.collection = collection
+    _quiet_libraries()
+
+
+class RichIngestProgress(Progress):
+    def __init__(self, bar: RichProgress) -> None:
+        self.bar = bar
+        self.files: TaskID = bar.add_task("files", total=None)
+        self.chunks: TaskID = bar.add_task("embedding chunks", total=0)
+
+    def files_total(self, n: int) -> None:
+        self.bar.update(self.files, total=n)
+
+    def file_done(self, path: str) -> None:
+        self.bar.advance(self.files)
+
+    def chunks_total(self, n: int) -> None:
+        task = self.bar.tasks[self.chunks]
+        self.bar.update(self.chunks, total=(task.total or 0) + n)
+
+    def chunks_done(self, n: int) -> None:
+        self.bar.advance(self.chunks, n)
+
+    def task(self, name: str, total: int) -> None:
+        self.current = self.bar.add_task(name, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.advance(self.current, n)
+
+
+def progress_bar() -> RichProgress:
+    return RichProgress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal and os.environ.get("AIPRIME_PROGRESS") != "1",
+    )
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {escape(msg)}")
+    raise typer.Exit(code)
+
+
+def _kb() -> Any:
+    from aiprime.rag.kb import KnowledgeBase
+    from aiprime.store import StoreError
+
+    try:
+        kb = KnowledgeBase(settings())
+        kb.store  # noqa: B018  (opens the collection; raises on model mismatch)
+    except (StoreError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    return kb
+
+
+@app.command()
+def ingest(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files or folders (.txt .md .html .pdf .jsonl).")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Add files to the knowledge base; unchanged files are skipped, changed ones replaced."""
+    kb = _kb()
+    with progress_bar() as bar:
+        report = kb.ingest(paths, RichIngestProgress(bar))
+    for e in report.errors:
+        err.print(f"[yellow]skipped[/yellow] {escape(str(e))}")
+    d = report.to_dict()
+    if as_json:
+        console.print_json(json.dumps(d))
+    else:
+        console.print(
+            f"ingested {d['files_ingested']} file(s), {d['files_unchanged']} unchanged, "
+            f"{d['files_failed']} failed; {d['chunks_written']} chunks written "
+            f"({d['chunks_embedded']} newly embedded) in {d['seconds']:.1f}s"
+        )
+    if report.errors and not report.files_ingested and not report.files_unchanged:
+        raise typer.Exit(1)
+
+
+@app.command("remove")
+def remove_cmd(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Files or folders to forget.")] = None,
+    missing: Annotated[
+        bool, typer.Option("--missing", help="Also forget sources whose file no longer exists.")
+    ] = False,
+) -> None:
+    """Remove sources (and their chunks) from the knowledge base."""
+    if not paths and not missing:
+        _fail("give paths to remove, or --missing")
+    removed = _kb().remove([str(p) for p in paths or []], missing)
+    for s in removed:
+        console.print(f"removed {escape(s)}")
+    if not removed:
+        console.print("nothing matched")
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="Results.")] = 5,
+    mode: Annotated[str, typer.Option("--mode", help="bm25, dense or hybrid.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Search the knowledge base (hybrid BM25 + dense by default)."""
+    if mode and mode not in ("bm25", "dense", "hybrid"):
+        _fail(f"--mode {mode!r}: choose bm25, dense or hybrid")
+    if not query.strip():
+        _fail("query is empty")
+    kb = _kb()
+    hits = kb.search(query, k=k, mode=mode or None)
+    if as_json:
+        sys.stdout.write(json.dumps([h.to_dict() for h in hits], indent=2) + "\n")
+        return
+    if not hits:
+        console.print("no results (is anything ingested? try [bold]aiprime ingest PATH[/bold])")
+        return
+    for rank, h in enumerate(hits, 1):
+        where = f"{h.source}" + (f" p.{h.page}" if h.page > 0 else "")
+        detail = " ".join(
+            f"{n}={h.scores[n]:.3f}(#{int(h.scores[n + '_rank'])})"
+            for n in ("dense", "bm25")
+            if n in h.scores
+        )
+        console.print(
+            f"[bold cyan]{rank}.[/bold cyan] [bold]{escape(h.title or h.doc_id)}[/bold] "
+            f"[dim]score {h.score:.3f}  {detail}[/dim]"
+        )
+        console.print(
+            f"   [green]{escape(where)}[/green] [dim]chunk {h.chunk_index}, "
+            f"chars {h.start}-{h.end}[/dim]"
+        )
+        snippet = " ".join(h.text.split())
+        console.print("   " + escape(snippet[:300] + ("…" if len(snippet) > 300 else "")))
+
+
+@app.command()
+def sources(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List ingested sources with their chunk counts."""
+    items = sorted(_kb().sources().values(), key=lambda s: s.source)
+    if as_json:
+        sys.stdout.write(json.dumps([s.__dict__ for s in items], indent=2) + "\n")
+        return
+    t = Table("source", "chunks", "sha256")
+    for s in items:
+        t.add_row(escape(s.source), str(s.chunks), s.source_hash[:12])
+    console.print(t)
+
+
+@app.command()
+def info() -> None:
+    """Show the data directory, collections and the active configuration."""
+    from aiprime.rag.kb import list_collections
+
+    s = settings()
+    s.ensure_dirs()
+    console.print_json(
+        json.dumps(
+            {"settings": json.loads(s.model_dump_json()), "collections": list_collections(s)}
+        )
+    )
+
+
+@eval_app.command("beir")
+def eval_beir(
+    dataset: Annotated[
+        Path, typer.Argument(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/.")
+    ],
+    split: Annotated[str, typer.Option("--split", help="qrels split to report on.")] = "test",
+    retriever: Annotated[
+        str, typer.Option("--retriever", help="bm25, dense or hybrid.")
+    ] = "hybrid",
+    tune_on: Annotated[
+        str | None,
+        typer.Option("--tune-on", help="Tune the hybrid fusion on this split first (e.g. train)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the metrics as JSON.")] = None,
+) -> None:
+    """nDCG@10, Recall@100 and MRR@10 on a BEIR dataset (documents scored by best chunk)."""
+    from aiprime.rag.beir import BeirError, evaluate_beir
+
+    if retriever not in ("bm25", "dense", "hybrid"):
+        _fail(f"--retriever {retriever!r}: choose bm25, dense or hybrid")
+    base = settings()
+    try:
+        with progress_bar() as bar:
+            result = evaluate_beir(
+                base,
+                dataset,
+                split,
+                retriever,  # type: ignore[arg-type]
+                tune_split=tune_on,
+                progress=RichIngestProgress(bar),
+            )
+    except (BeirError, FileNotFoundError) as e:
+        _fail(str(e))
+    summary = {k: result[k] for k in ("ndcg@10", "recall@100", "mrr@10")}
+    t = Table("metric", "value", title=f"{dataset.name} · {split} · {retriever}")
+    for k_, v in summary.items():
+        t.add_row(k_, f"{v:.4f}")
+    console.print(t)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {escape(str(out))}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""``KnowledgeBase``: the Python API that the CLI and the service are thin layers over."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from aiprime.config import Settings, load_settings
+from aiprime.embed import Embedder, load_embedder
+from aiprime.rag.chunking import Chunker
+from aiprime.rag.ingest import Ingestor, IngestReport, Progress, remove
+from aiprime.rag.retrieve import Mode, Retriever
+from aiprime.store import Hit, SourceInfo
+from aiprime.store.lance import LanceStore
+
+
+class KnowledgeBase:
+    """One collection of the store, with the embedder and retriever that serve it.
+
+    >>> kb = KnowledgeBase(home="/tmp/kb")             # doctest: +SKIP
+    >>> kb.ingest(["docs/"])                             # doctest: +SKIP
+    >>> kb.search("how are chunks sized?", k=5)          # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        home: str | Path | None = None,
+        collection: str | None = None,
+        embedder: Embedder | None = None,
+    ) -> None:
+        s = settings or load_settings(home)
+        if collection:
+            s = s.model_copy(update={"collection": collection})
+        s.ensure_dirs()
+        self.settings = s
+        self._embedder = embedder
+
+    @cached_property
+    def embedder(self) -> Embedder:
+        return self._embedder or load_embedder(self.settings)
+
+    @cached_property
+    def store(self) -> LanceStore:
+        return LanceStore(
+            self.settings.store_dir,
+            self.settings.collection,
+            self.embedder.dim,
+            self.embedder.model_id,
+        )
+
+    @cached_property
+    def retriever(self) -> Retriever:
+        return Retriever(self.store, self.embedder, self.settings.retrieve)
+
+    def ingest(self, paths: Sequence[str | Path], progress: Progress | None = None) -> IngestReport:
+        chunker = Chunker(
+            self.embedder.count_tokens,
+            self.settings.chunk.size_tokens,
+            self.settings.chunk.overlap_tokens,
+        )
+        return Ingestor(self.store, self.embedder, chunker).ingest(
+            [Path(p) for p in paths], progress
+        )
+
+    def remove(self, paths: Sequence[str | Path], missing: bool = False) -> list[str]:
+        return remove(self.store, [str(p) for p in paths], missing)
+
+    def search(
+        self, query: str, k: int = 10, mode: Mode | None = None, where: str | None = None
+    ) -> list[Hit]:
+        if not query.strip():
+            raise ValueError("query is empty")
+        return self.retriever.search(query, k, mode, where)
+
+    def sources(self) -> dict[str, SourceInfo]:
+        return self.store.sources()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "home": str(self.settings.home),
+            "collection": self.settings.collection,
+            "chunks": self.store.count(),
+            "sources": len(self.store.sources()),
+            "embedder": self.embedder.model_id,
+            "dim": self.embedder.dim,
+        }
+
+
+def list_collections(settings: Settings) -> list[str]:
+    return sorted(p.name.removesuffix(".meta.json") for p in settings.store_dir.glob("*.meta.json"))
