@@ -127,11 +127,11 @@ def main() -> None:
         lat["aiprime"].append(time.perf_counter() - t0)
         run["aiprime"][qid] = dict(sorted(best_per_doc(hits).items(), key=lambda x: -x[1])[:10])
         t0 = time.perf_counter()
-        res = vs.similarity_search_with_relevance_scores(text, k=CHUNK_DEPTH)
+        res = vs.similarity_search_with_score(text, k=CHUNK_DEPTH)  # L2 distance
         lat["langchain"].append(time.perf_counter() - t0)
         best: dict[str, float] = {}
-        for d, s in res:
-            best[d.metadata["doc_id"]] = max(best.get(d.metadata["doc_id"], -1e9), float(s))
+        for d, dist in res:
+            best[d.metadata["doc_id"]] = max(best.get(d.metadata["doc_id"], -1e9), -float(dist))
         run["langchain"][qid] = dict(sorted(best.items(), key=lambda x: -x[1])[:10])
 
     out: dict[str, Any] = {

@@ -6,7 +6,9 @@ tests that need real semantics use all-MiniLM-L6-v2, exported to ONNX once per s
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -138,3 +140,47 @@ def minilm_tokens(minilm_dir: Path):
         return [len(x) for x in enc]
 
     return count
+
+
+# -- a tiny BEIR dataset -----------------------------------------------------------------
+
+
+def write_beir(root: Path, split_rows: dict[str, list[tuple[str, str, int]]] | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = [
+        ("d1", "Photosynthesis", "Plants convert sunlight into chemical energy in chloroplasts."),
+        ("d2", "Volcanoes", "Magma rises through the crust and erupts as lava."),
+        ("d3", "Tides", "The moon's gravity pulls the oceans, causing tides."),
+        ("d4", "Vaccines", "Vaccines train the immune system to recognise pathogens."),
+        ("d5", "Glaciers", "Glaciers carve valleys as compacted snow slowly flows downhill."),
+    ]
+    with (root / "corpus.jsonl").open("w") as f:
+        for i, t, x in corpus:
+            f.write(json.dumps({"_id": i, "title": t, "text": x}) + "\n")
+    queries = {
+        "q1": "how do plants turn sunlight into energy",
+        "q2": "what causes lava eruptions",
+        "q3": "why do oceans have tides",
+        "q4": "how does the immune system learn from vaccines",
+        "q5": "how do glaciers shape valleys",
+    }
+    with (root / "queries.jsonl").open("w") as f:
+        for q, t in queries.items():
+            f.write(json.dumps({"_id": q, "text": t}) + "\n")
+    rows = split_rows or {
+        "test": [("q1", "d1", 1), ("q2", "d2", 1), ("q3", "d3", 1)],
+        "train": [("q4", "d4", 1), ("q5", "d5", 1)],
+    }
+    (root / "qrels").mkdir(exist_ok=True)
+    for split, rs in rows.items():
+        with (root / "qrels" / f"{split}.tsv").open("w", newline="") as f:
+            w = csv.writer(f, delimiter="\t")
+            w.writerow(["query-id", "corpus-id", "score"])
+            w.writerows(rs)
+    return root
+
+
+@pytest.fixture
+def make_beir():
+    """``make_beir(root)`` writes a 5-document BEIR folder (test: q1-q3, train: q4-q5)."""
+    return write_beir

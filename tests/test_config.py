@@ -114,7 +114,9 @@ def test_invalid_toml_is_a_clear_error(home: Path) -> None:
 
 @pytest.mark.parametrize(("size", "overlap"), [(100, 100), (100, 150), (16, 32)])
 def test_overlap_not_smaller_than_size(size: int, overlap: int) -> None:
-    with pytest.raises(ValidationError, match="overlap_tokens .* must be smaller than size_tokens"):
+    with pytest.raises(
+        ValidationError, match=r"overlap_tokens .* must be smaller than size_tokens"
+    ):
         ChunkSettings(size_tokens=size, overlap_tokens=overlap)
 
 

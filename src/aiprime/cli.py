@@ -42,8 +42,9 @@ app = typer.Typer(
 eval_app = typer.Typer(help="Reproducible evaluations.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
-console = Console()
-err = Console(stderr=True)
+# soft_wrap: one message stays one line (paths are not broken) when output is piped.
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class _State:
@@ -233,6 +234,10 @@ def sources(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     items = sorted(_kb().sources().values(), key=lambda s: s.source)
     if as_json:
         sys.stdout.write(json.dumps([s.__dict__ for s in items], indent=2) + "\n")
+        return
+    if not console.is_terminal:  # piped: tab-separated lines, paths never truncated
+        for s in items:
+            sys.stdout.write(f"{s.source}\t{s.chunks}\t{s.source_hash[:12]}\n")
         return
     t = Table("source", "chunks", "sha256")
     for s in items:

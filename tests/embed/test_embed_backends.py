@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from aiprime.config import load_settings
-from aiprime.embed import CachedEmbedder, Embedder, EmbeddingCache, load_embedder, resolve_model_path
+from aiprime.embed import (
+    CachedEmbedder,
+    Embedder,
+    EmbeddingCache,
+    load_embedder,
+    resolve_model_path,
+)
 from aiprime.embed.onnx import OnnxEmbedder, _pooling_mode
 
 SENTENCES = [
@@ -171,8 +177,12 @@ def tiny_st_model(request, tmp_path_factory, minilm_dir: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
     )
     BertModel(cfg).save_pretrained(root / "hf")
     tok.save_pretrained(root / "hf")
@@ -192,7 +202,9 @@ def test_local_sentence_transformers_model_on_both_backends(
     assert _pooling_mode(tiny_st_model) == pooling
     out = {}
     for backend in ("torch", "onnx"):
-        s = load_settings(tmp_path / "home", embed={"model": str(tiny_st_model), "backend": backend})
+        s = load_settings(
+            tmp_path / "home", embed={"model": str(tiny_st_model), "backend": backend}
+        )
         emb = load_embedder(s)
         assert isinstance(emb, CachedEmbedder)
         assert emb.dim == 32

@@ -80,3 +80,18 @@ def test_packed_experts_shapes_and_scale(activation: str) -> None:
     offs = torch.tensor([2, 2, 7], dtype=torch.int32)
     s = torch.rand(7)
     torch.testing.assert_close(ex(x, offs, s), ex(x, offs) * s[:, None])
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_fused_swiglu_gradcheck(with_scale: bool) -> None:
+    from aiprime.moe.experts import swiglu
+
+    torch.manual_seed(0)
+    gu = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(6, dtype=torch.float64, requires_grad=True) if with_scale else None
+    args = (gu, s) if with_scale else (gu,)
+    assert torch.autograd.gradcheck(lambda *a: swiglu(*a), args)
+    ref = torch.nn.functional.silu(gu[:, :4]) * gu[:, 4:]
+    if s is not None:
+        ref = ref * s[:, None]
+    torch.testing.assert_close(swiglu(gu, s), ref)

@@ -18,5 +18,8 @@ def test_expert_parallel_two_processes_match_single_process() -> None:
         "-m", "aiprime.moe.ep_selfcheck", "--backend", "gloo",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    if proc.returncode != 0 and "EP OK" in proc.stdout:
+        # the check passed but gloo can abort while tearing down TCP pairs: retry once
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "EP OK world=2" in proc.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -48,7 +49,7 @@ def test_small_paragraphs_are_packed_without_overlap() -> None:
     chunks = Chunker(words, size_tokens=12, overlap_tokens=4).split(doc)
     check_invariants(doc, chunks, words, 12)
     assert [c.text.count("para") for c in chunks] == [2, 2, 2, 2, 2]
-    for a, b in zip(chunks, chunks[1:], strict=False):
+    for a, b in itertools.pairwise(chunks):
         assert b.start > a.end  # no overlap across a paragraph break
 
 
@@ -58,20 +59,20 @@ def test_cut_paragraph_overlaps_by_sentences() -> None:
     chunks = Chunker(words, size_tokens=20, overlap_tokens=7).split(doc)
     check_invariants(doc, chunks, words, 20)
     assert len(chunks) > 3
-    for a, b in zip(chunks, chunks[1:], strict=False):
+    for a, b in itertools.pairwise(chunks):
         assert b.start < a.end, "consecutive chunks of a cut paragraph share text"
         shared = doc.text[b.start : a.end]
         assert words([shared])[0] <= 7
         assert shared.endswith(".")  # the overlap is whole sentences
     # the overlap never covers the whole previous chunk: the text advances
-    assert all(b.end > a.end for a, b in zip(chunks, chunks[1:], strict=False))
+    assert all(b.end > a.end for a, b in itertools.pairwise(chunks))
 
 
 def test_zero_overlap() -> None:
     doc = txt_doc(sentence_para(10, "Beta"))
     chunks = Chunker(words, size_tokens=20, overlap_tokens=0).split(doc)
     check_invariants(doc, chunks, words, 20)
-    assert all(b.start > a.end for a, b in zip(chunks, chunks[1:], strict=False))
+    assert all(b.start > a.end for a, b in itertools.pairwise(chunks))
 
 
 def test_overlap_only_inside_the_cut_paragraph() -> None:
@@ -81,10 +82,10 @@ def test_overlap_only_inside_the_cut_paragraph() -> None:
     check_invariants(doc, chunks, words, 16)
     lp_start = doc.text.index(long_para)
     lp_end = lp_start + len(long_para)
-    for a, b in zip(chunks, chunks[1:], strict=False):
+    for a, b in itertools.pairwise(chunks):
         if b.start < a.end:  # an overlap: both ends must lie inside the long paragraph
             assert lp_start <= b.start and a.end <= lp_end
-    assert any(b.start < a.end for a, b in zip(chunks, chunks[1:], strict=False))
+    assert any(b.start < a.end for a, b in itertools.pairwise(chunks))
     first_with_outro = next(c for c in chunks if "outro" in c.text)
     assert "Long sentence number 0 " not in first_with_outro.text
 

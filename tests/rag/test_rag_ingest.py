@@ -121,7 +121,14 @@ def test_bad_files_reported_and_the_rest_ingested(make_kb, docs: Path) -> None:
     r = kb.ingest([docs, docs / "nowhere.txt"])
     lines = [str(e) for e in r.errors]
     assert len(lines) == 6, lines
-    for name in ("empty.txt", "binary.txt", "latin.md", "broken.pdf", "recs.jsonl:2", "nowhere.txt"):
+    for name in (
+        "empty.txt",
+        "binary.txt",
+        "latin.md",
+        "broken.pdf",
+        "recs.jsonl:2",
+        "nowhere.txt",
+    ):
         assert sum(name in line for line in lines) == 1, (name, lines)
     assert all("\n" not in line for line in lines)
     assert r.files_ingested == 4  # a, b, c and the jsonl's good record
@@ -147,7 +154,9 @@ def test_file_emptied_reports_and_keeps_old(make_kb, docs: Path) -> None:
     write(docs / "a.txt", "   ")
     r = kb.ingest([docs / "a.txt"])
     assert r.files_ingested == 0 and "empty" in str(r.errors[0])
-    assert texts_of(kb, docs / "a.txt") == ["Alpha file talks about aardvarks.\n\nSecond alpha paragraph."]
+    assert texts_of(kb, docs / "a.txt") == [
+        "Alpha file talks about aardvarks.\n\nSecond alpha paragraph."
+    ]
 
 
 def test_jsonl_documents_keep_their_ids(make_kb, tmp_path: Path) -> None:
@@ -230,9 +239,20 @@ def test_sigkill_mid_ingest_then_resume(make_kb, tmp_path: Path) -> None:
     progress = tmp_path / "progress.log"
     home = kb.settings.home
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), str(home), str(root), "--delay", "0.1",
-         "--batch-chunks", "2", "--progress", str(progress)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            str(WORKER),
+            str(home),
+            str(root),
+            "--delay",
+            "0.1",
+            "--batch-chunks",
+            "2",
+            "--progress",
+            str(progress),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         while proc.poll() is None:
@@ -268,9 +288,18 @@ def test_sigkill_between_add_and_delete_then_resume(make_kb, tmp_path: Path) -> 
     kb.ingest(_corpus(root, n, "vone"))
     files = _corpus(root, n, "vtwo")
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(kb.settings.home), str(root),
-         "--batch-chunks", "3", "--die-after-add", "2"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(WORKER),
+            str(kb.settings.home),
+            str(root),
+            "--batch-chunks",
+            "3",
+            "--die-after-add",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     kb2 = make_kb(**SMALL)

@@ -247,7 +247,7 @@ def test_binary_file(tmp_path: Path) -> None:
 
 
 def test_non_utf8_names_byte_offset(tmp_path: Path) -> None:
-    p = _write(tmp_path, "latin.md", "caf".encode() + b"\xe9 au lait")
+    p = _write(tmp_path, "latin.md", b"caf" + b"\xe9 au lait")
     with pytest.raises(LoadError) as ei:
         load_file(p)
     assert "UTF-8" in ei.value.reason

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +28,27 @@ def records(source: str, digest: str, texts: list[str], seed: int = 0) -> list[C
     now = next(_tick)  # strictly increasing "ingestion time" per batch
     return [
         ChunkRecord(
-            id=f"{source}|{digest}|{i}", source=source, source_hash=digest, doc_id=source,
-            title=f"title of {source}", text=t, chunk_index=i, start=0, end=len(t), page=-1,
-            ingested_at=now, vector=vec(seed + i),
+            id=f"{source}|{digest}|{i}",
+            source=source,
+            source_hash=digest,
+            doc_id=source,
+            title=f"title of {source}",
+            text=t,
+            chunk_index=i,
+            start=0,
+            end=len(t),
+            page=-1,
+            ingested_at=now,
+            vector=vec(seed + i),
         )
         for i, t in enumerate(texts)
     ]
 
 
 def rows(store: LanceStore) -> list[dict]:
-    return store.table.to_arrow().select(["source", "source_hash", "chunk_index", "text"]).to_pylist()
+    return (
+        store.table.to_arrow().select(["source", "source_hash", "chunk_index", "text"]).to_pylist()
+    )
 
 
 @pytest.fixture
@@ -59,14 +69,17 @@ def test_empty_store_reads(store: LanceStore) -> None:
 
 
 def test_replace_sources_makes_new_chunks_the_only_ones(store: LanceStore) -> None:
-    store.replace_sources(records("a", "h1", ["a old one", "a old two", "a old three"]), {"a": "h1"})
+    store.replace_sources(
+        records("a", "h1", ["a old one", "a old two", "a old three"]), {"a": "h1"}
+    )
     store.replace_sources(records("b", "h1", ["b text"]), {"b": "h1"})
     store.replace_sources(records("a", "h2", ["a new one"], seed=9), {"a": "h2"})
     got = sorted((r["source"], r["source_hash"], r["text"]) for r in rows(store))
     assert got == [("a", "h2", "a new one"), ("b", "h1", "b text")]
     src = store.sources()
     assert {s: (i.source_hash, i.chunks) for s, i in src.items()} == {
-        "a": ("h2", 1), "b": ("h1", 1),
+        "a": ("h2", 1),
+        "b": ("h1", 1),
     }
     # a source whose new version has no chunks loses its old ones
     store.replace_sources([], {"b": "h9"})
@@ -76,7 +89,7 @@ def test_replace_sources_makes_new_chunks_the_only_ones(store: LanceStore) -> No
 
 
 def test_sources_with_quotes_are_safe(store: LanceStore) -> None:
-    weird = "/tmp/it's a \"file\" OR 1=1 --.txt"
+    weird = '/tmp/it\'s a "file" OR 1=1 --.txt'
     store.replace_sources(records(weird, "h1", ["q1"]), {weird: "h1"})
     store.replace_sources(records("other", "h1", ["q2"]), {"other": "h1"})
     store.replace_sources(records(weird, "h2", ["q3"]), {weird: "h2"})
@@ -171,7 +184,9 @@ def test_model_mismatch(store: LanceStore, tmp_path: Path) -> None:
     assert (ro.dim, ro.model_id) == (DIM, "m1|onnx")
 
 
-@pytest.mark.parametrize("name", ["", "-lead", "_lead", "a b", "../up", "x/y", "é", "a" * 65, "a.b"])
+@pytest.mark.parametrize(
+    "name", ["", "-lead", "_lead", "a b", "../up", "x/y", "é", "a" * 65, "a.b"]
+)
 def test_bad_collection_name(tmp_path: Path, name: str) -> None:
     with pytest.raises(StoreError, match="collection name"):
         LanceStore(tmp_path / "db", name, dim=DIM)
@@ -260,7 +275,8 @@ def test_readers_while_another_process_ingests(tmp_path: Path, fake_cls) -> None
     try:
         writer = subprocess.run(
             [sys.executable, str(WORKER), str(home), *new_paths, "--batch-chunks", "2"],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         observed_before_stop = len(observed)
     finally:

@@ -10,6 +10,7 @@ on all tokens. Exits non-zero on mismatch. Uses gloo on CPU and NCCL when CUDA i
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import torch.distributed as dist
@@ -102,8 +103,10 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(f"EP OK world={dist.get_world_size()} max_abs_diff={worst:.3g}", flush=True)
     finally:
-        # every rank reaches teardown together: gloo aborts if a peer vanishes mid-close
+        # Every rank reaches teardown together, then the group is destroyed after a short
+        # grace period: gloo's TCP pairs can abort when a peer closes mid-shutdown.
         dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from aiprime.embed import Embedder
 from aiprime.rag.chunking import Chunk, Chunker
 from aiprime.rag.loaders import LoadError, discover, load_file
@@ -142,17 +144,21 @@ class Ingestor:
         chunks = [c for _, _, cs in pending for c in cs]
         prog.chunks_total(len(chunks))
         misses_before = getattr(self.embedder, "misses", None)
-        vectors = []
-        for i in range(0, len(chunks), self.embed_batch):
-            part = chunks[i : i + self.embed_batch]
-            vectors.append(self.embedder.encode([c.content for c in part]))
-            prog.chunks_done(len(part))
+        # Embed in length order across the whole batch: slices of similar length pad
+        # little, and the progress bar still moves slice by slice.
+        texts = [c.content for c in chunks]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        vectors = np.empty((len(texts), self.embedder.dim), dtype=np.float32)
+        for i in range(0, len(order), self.embed_batch):
+            idx = order[i : i + self.embed_batch]
+            vectors[idx] = self.embedder.encode([texts[j] for j in idx])
+            prog.chunks_done(len(idx))
         now = time.time_ns()
         records: list[ChunkRecord] = []
         k = 0
         for src, digest, cs in pending:
             for c in cs:
-                vec = vectors[k // self.embed_batch][k % self.embed_batch]
+                vec = vectors[k]
                 records.append(
                     ChunkRecord(
                         id=chunk_id(src, digest, c.doc_id, c.index),

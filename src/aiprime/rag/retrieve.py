@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -13,6 +14,8 @@ from aiprime.rag.fusion import rrf, score_mix
 from aiprime.store import Hit, Store
 
 Mode = Literal["bm25", "dense", "hybrid"]
+
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="aiprime-retrieve")
 
 
 class Retriever:
@@ -28,7 +31,23 @@ class Retriever:
     def search(
         self, query: str, k: int = 10, mode: Mode | None = None, where: str | None = None
     ) -> list[Hit]:
-        return self.search_batch([query], k, mode, where)[0]
+        """One query, latency-first: BM25 runs on a worker thread while the query is
+        embedded and the vector search runs (the store's native code releases the GIL)."""
+        mode = mode or self.settings.mode
+        if mode != "hybrid":
+            return self.search_batch([query], k, mode, where)[0]
+        depth = max(k, self.settings.candidates)
+        lexical = _POOL.submit(self.store.text_search, query, depth, where)
+        vector = self.embedder.encode([query])
+        dense = self.store.dense_search(vector[0], depth, where)
+        return self._fuse(dense, lexical.result())[:k]
+
+    def _fuse(self, dense: list[Hit], lexical: list[Hit]) -> list[Hit]:
+        s = self.settings
+        named = {"dense": dense, "bm25": lexical}
+        if s.fusion == "rrf":
+            return rrf(named, s.rrf_k)
+        return score_mix(named, {"dense": s.dense_weight, "bm25": 1.0 - s.dense_weight})
 
     def search_batch(
         self,
@@ -54,12 +73,7 @@ class Retriever:
             if mode == "bm25":
                 out.append(_label(lexical, "bm25")[:k])
                 continue
-            named = {"dense": dense, "bm25": lexical}
-            if s.fusion == "rrf":
-                fused = rrf(named, s.rrf_k)
-            else:
-                fused = score_mix(named, {"dense": s.dense_weight, "bm25": 1.0 - s.dense_weight})
-            out.append(fused[:k])
+            out.append(self._fuse(dense, lexical)[:k])
         return out
 
 
