@@ -132,6 +132,7 @@ def time_shape(
         max_diff = float((y_ours.float() - y_hf.float()).abs().max())
     fns = step_fns(mods, x, grad)
     times: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd_bwd": []} for n in IMPLS}
+    cpu: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd_bwd": []} for n in IMPLS}
     for rep in range(warmup + reps):
         order = IMPLS[rep % 3 :] + IMPLS[: rep % 3]
         for kind, idx in (("fwd", 0), ("fwd_bwd", 1)):
@@ -139,24 +140,33 @@ def time_shape(
                 clear_grads(mods, x)
                 gc.collect()
                 sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fns[name][idx]()
                 sync(device)
                 if rep >= warmup:
                     times[name][kind].append(time.perf_counter() - t0)
-    med = {
-        n: {k: statistics.median(v) * 1e3 for k, v in kinds.items()} for n, kinds in times.items()
-    }
-    best = {n: {k: min(v) * 1e3 for k, v in kinds.items()} for n, kinds in times.items()}
+                    cpu[name][kind].append(time.process_time() - c0)
+
+    def summary(data: dict[str, dict[str, list[float]]], fn: Callable[[list[float]], float]) -> Any:
+        return {
+            n: {k: round(fn(v) * 1e3, 2) for k, v in kinds.items()} for n, kinds in data.items()
+        }
+
+    med = summary(times, statistics.median)
     out: dict[str, Any] = {
         "shape": shape,
         "median_ms": med,
-        "min_ms": best,
+        "min_ms": summary(times, min),
+        "median_cpu_ms": summary(cpu, statistics.median),
         "max_abs_diff_aiprime_vs_hf": max_diff,
     }
+    med_cpu = out["median_cpu_ms"]
     for ref in ("dense", "hf"):
         for kind in ("fwd", "fwd_bwd"):
-            out[f"ratio_vs_{ref}_{kind}"] = med["aiprime"][kind] / med[ref][kind]
+            out[f"ratio_vs_{ref}_{kind}"] = round(med["aiprime"][kind] / med[ref][kind], 3)
+            if device.type == "cpu":  # process CPU time: robust when the machine is shared
+                ratio = med_cpu["aiprime"][kind] / med_cpu[ref][kind]
+                out[f"cpu_time_ratio_vs_{ref}_{kind}"] = round(ratio, 3)
     return out
 
 
@@ -250,7 +260,8 @@ def main() -> None:
         "dtype": args.dtype,
         "reps": reps,
         "warmup": args.warmup,
-        "time": "median wall-clock ms over reps, implementations interleaved",
+        "time": "median wall-clock ms over reps, implementations interleaved; "
+        "median_cpu_ms is process CPU time (user+sys, all threads) of the same runs",
         "peak_memory": "CUDA max_memory_allocated increase"
         if device.type == "cuda"
         else "CPU peak RSS increase (VmHWM) of one fwd+bwd in a fresh process",
@@ -269,6 +280,12 @@ def main() -> None:
             m = res["median_ms"][impl]
             print(
                 f"  {impl:8s} fwd {m['fwd']:8.1f} ms   fwd+bwd {m['fwd_bwd']:8.1f} ms", flush=True
+            )
+        if "cpu_time_ratio_vs_dense_fwd_bwd" in res:
+            print(
+                f"  cpu-time ratios: vs dense {res['cpu_time_ratio_vs_dense_fwd_bwd']:.3f}  "
+                f"vs hf {res['cpu_time_ratio_vs_hf_fwd_bwd']:.3f}",
+                flush=True,
             )
         print(
             f"  ratio_vs_dense_fwd_bwd {res['ratio_vs_dense_fwd_bwd']:.3f}  "

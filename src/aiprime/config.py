@@ -58,6 +58,15 @@ class RetrieveSettings(BaseModel):
     candidates: int = Field(100, ge=1, description="Depth of each retriever before fusion.")
 
 
+class StoreSettings(BaseModel):
+    # How stale a long-lived reader (the service) may be, in seconds, before it sees a
+    # writer's commits; 0 checks on every query.
+    read_consistency_s: float = Field(1.0, ge=0.0)
+    # Below this many chunks an exact scan is fast and exact; above it an IVF-HNSW-SQ
+    # index is built.
+    ann_min_rows: int = Field(100_000, ge=1)
+
+
 class Settings(BaseSettings):
     """Everything configurable, validated once."""
 
@@ -70,6 +79,7 @@ class Settings(BaseSettings):
     chunk: ChunkSettings = Field(default_factory=ChunkSettings)
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
     retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     @classmethod
     def settings_customise_sources(

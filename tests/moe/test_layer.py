@@ -151,3 +151,17 @@ def test_torch_compile_dropless() -> None:
     y, _ = compiled(x)
     ref, _ = layer(x)
     torch.testing.assert_close(y, ref)
+
+
+def test_config_validation_and_fine_grained() -> None:
+    cfg = MoEConfig.fine_grained(d_model=32, dense_d_ff=64, n_experts=4, top_k=2, granularity=4)
+    assert (cfg.n_experts, cfg.top_k, cfg.d_ff) == (16, 8, 16)
+    assert cfg.top_k * cfg.d_ff == 2 * 64  # same active FLOPs as 4 experts of 64, top-2
+    for bad in (
+        dict(top_k=5),
+        dict(router="hash"),
+        dict(capacity_factor_train=0.0),
+        dict(router="expert_choice", bias_balancing=True),
+    ):
+        with pytest.raises(ValueError):
+            dataclasses.replace(BASE, **bad)  # type: ignore[arg-type]

@@ -85,9 +85,11 @@ def test_overlap_only_inside_the_cut_paragraph() -> None:
     for a, b in itertools.pairwise(chunks):
         if b.start < a.end:  # an overlap: both ends must lie inside the long paragraph
             assert lp_start <= b.start and a.end <= lp_end
+            # ... and the chunk goes on inside that paragraph, not across its break
+            assert "\n\n" not in doc.text[b.start : a.end + 2]
     assert any(b.start < a.end for a, b in itertools.pairwise(chunks))
     first_with_outro = next(c for c in chunks if "outro" in c.text)
-    assert "Long sentence number 0 " not in first_with_outro.text
+    assert first_with_outro.text == "Short outro line here."  # 7 + 7 + 4 > 16: no overlap
 
 
 def test_overlong_sentence_is_cut_between_words() -> None:
@@ -121,6 +123,16 @@ def test_chunks_never_cross_a_heading() -> None:
         ("Title › B › B1", "deep beta text."),
     ]
     assert chunks[1].content == "Title › A\nalpha text here.\n\nmore alpha text."
+
+
+def test_repeated_heading_is_still_a_border() -> None:
+    md = "# Log\n\n## Notes\n\nfirst note.\n\n## Notes\n\nsecond note.\n"
+    doc = md_doc(md, title="Log")
+    chunks = Chunker(words, size_tokens=100, overlap_tokens=10).split(doc)
+    assert [(c.title, c.text) for c in chunks] == [
+        ("Log › Notes", "first note."),
+        ("Log › Notes", "second note."),
+    ]
 
 
 def test_title_prefixed_when_headings_do_not_start_with_it() -> None:
@@ -177,9 +189,9 @@ _section = st.tuples(
 
 def _render(sections: list[tuple[int | None, list[str]]]) -> str:
     out = []
-    for i, (level, paras) in enumerate(sections):
+    for level, paras in sections:
         if level is not None:
-            out.append("#" * level + f" Heading {i}")
+            out.append("#" * level + f" Heading {level}")  # repeats: same path twice
         out.extend(paras)
     return "\n\n".join(out) + "\n"
 

@@ -50,6 +50,8 @@ class KnowledgeBase:
             self.settings.collection,
             self.embedder.dim,
             self.embedder.model_id,
+            read_consistency_s=self.settings.store.read_consistency_s,
+            ann_min_rows=self.settings.store.ann_min_rows,
         )
 
     @cached_property

@@ -129,9 +129,10 @@ class LanceStore:
     @property
     def table(self) -> Any:
         if self._table is None:
-            if self.name not in self.db.table_names():
+            try:
+                self._table = self.db.open_table(self.name)
+            except ValueError:  # "Table ... was not found"
                 return None
-            self._table = self.db.open_table(self.name)
         return self._table
 
     def _ensure_table(self) -> Any:
@@ -145,23 +146,14 @@ class LanceStore:
         vec = np.stack([np.asarray(r.vector, dtype=np.float32) for r in records])
         if vec.shape[1] != self.dim:
             raise StoreError(f"vectors are {vec.shape[1]}-d, collection expects {self.dim}-d")
+        schema = _schema(self.dim)
         cols: dict[str, Any] = {
-            "id": [r.id for r in records],
-            "source": [r.source for r in records],
-            "source_hash": [r.source_hash for r in records],
-            "doc_id": [r.doc_id for r in records],
-            "title": [r.title for r in records],
-            "text": [r.text for r in records],
-            "content": [r.content for r in records],
-            "chunk_index": [r.chunk_index for r in records],
-            "start": [r.start for r in records],
-            "end": [r.end for r in records],
-            "page": [r.page for r in records],
-            "modality": [r.modality for r in records],
-            "ingested_at": [r.ingested_at for r in records],
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), self.dim),
+            name: [getattr(r, name) for r in records]
+            for name in schema.names
+            if name != "vector"  # "content" is a property of ChunkRecord
         }
-        return pa.table(cols, schema=_schema(self.dim))
+        cols["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), self.dim)
+        return pa.table(cols, schema=schema)
 
     def replace_sources(self, records: Sequence[ChunkRecord], sources: dict[str, str]) -> None:
         if not sources:
@@ -184,29 +176,38 @@ class LanceStore:
             table.delete("source IN (" + ", ".join(sql_str(s) for s in chunk) + ")")
         return int(before - table.count_rows())
 
-    def repair(self) -> int:
-        """Drop older versions left by a write interrupted between add and delete."""
+    def _versions(self) -> dict[str, list[SourceInfo]]:
+        """Every stored (source, hash) version, newest first; more than one means a
+        write was interrupted between its add and its delete."""
         table = self.table
         if table is None:
-            return 0
-        rows = table.to_arrow().select(["source", "source_hash", "ingested_at"]).to_pylist()
-        newest: dict[str, tuple[int, str]] = {}
-        hashes: dict[str, set[str]] = {}
-        for r in rows:
-            hashes.setdefault(r["source"], set()).add(r["source_hash"])
-            cur = newest.get(r["source"])
-            if cur is None or r["ingested_at"] > cur[0]:
-                newest[r["source"]] = (r["ingested_at"], r["source_hash"])
-        stale = {s: newest[s][1] for s, hs in hashes.items() if len(hs) > 1}
+            return {}
+        cols = self._scan(table, ["source", "source_hash", "ingested_at"])
+        agg = cols.group_by(["source", "source_hash"]).aggregate(
+            [("ingested_at", "max"), ("ingested_at", "count")]
+        )
+        out: dict[str, list[SourceInfo]] = {}
+        for r in agg.to_pylist():
+            info = SourceInfo(
+                r["source"], r["source_hash"], r["ingested_at_count"], r["ingested_at_max"]
+            )
+            out.setdefault(r["source"], []).append(info)
+        for versions in out.values():
+            versions.sort(key=lambda v: -v.ingested_at)
+        return out
+
+    def repair(self) -> int:
+        """Drop older versions left by a write interrupted between add and delete."""
+        stale = {s: vs[0].source_hash for s, vs in self._versions().items() if len(vs) > 1}
         if not stale:
             return 0
-        before = table.count_rows()
+        before = self.count()
         self.replace_sources([], stale)
-        return int(before - table.count_rows())
+        return before - self.count()
 
     def finalize(self) -> None:
         """Index new rows: build the BM25 index once, then fold new data into it."""
-        from lancedb.index import FTS
+        from lancedb.index import FTS, HnswSq
 
         table = self.table
         if table is None:
@@ -222,53 +223,28 @@ class LanceStore:
         n = table.count_rows()
         if n >= self.ann_min_rows and "vector_idx" not in names:
             table.create_index(
-                metric="cosine",
-                index_type="IVF_HNSW_SQ",
-                vector_column_name="vector",
-                name="vector_idx",
+                "vector", config=HnswSq(distance_type="cosine"), name="vector_idx"
             )
         table.optimize(cleanup_older_than=timedelta(days=1))
 
     # -- reads ----------------------------------------------------------------------
+    @staticmethod
+    def _scan(table: Any, columns: list[str]) -> pa.Table:
+        """Read only ``columns`` of every row (``to_arrow`` would read vectors and text)."""
+        return table.search().select(columns).limit(None).to_arrow()
+
     def sources(self) -> dict[str, SourceInfo]:
-        table = self.table
-        if table is None:
-            return {}
-        cols = table.to_arrow().select(["source", "source_hash", "ingested_at"]).to_pylist()
-        out: dict[str, SourceInfo] = {}
-        for r in cols:
-            cur = out.get(r["source"])
-            n = cur.chunks + 1 if cur else 1
-            if cur is None or r["ingested_at"] >= cur.ingested_at:
-                out[r["source"]] = SourceInfo(r["source"], r["source_hash"], n, r["ingested_at"])
-            else:
-                out[r["source"]] = SourceInfo(cur.source, cur.source_hash, n, cur.ingested_at)
-        return out
+        return {s: vs[0] for s, vs in self._versions().items()}
 
     def count(self) -> int:
         table = self.table
         return 0 if table is None else int(table.count_rows())
 
-    def _hits(self, rows: list[dict[str, Any]], key: str, sign: float, base: float) -> list[Hit]:
-        hits = []
-        for r in rows:
-            score = base + sign * float(r[key])
-            hits.append(
-                Hit(
-                    id=r["id"],
-                    source=r["source"],
-                    doc_id=r["doc_id"],
-                    title=r["title"],
-                    text=r["text"],
-                    chunk_index=r["chunk_index"],
-                    start=r["start"],
-                    end=r["end"],
-                    page=r["page"],
-                    score=score,
-                    modality=r["modality"],
-                )
-            )
-        return hits
+    @staticmethod
+    def _hits(rows: list[dict[str, Any]], key: str, sign: float, base: float) -> list[Hit]:
+        return [
+            Hit(**{c: r[c] for c in _COLUMNS}, score=base + sign * float(r[key])) for r in rows
+        ]
 
     def dense_search(self, vector: np.ndarray, k: int, where: str | None = None) -> list[Hit]:
         table = self.table
