@@ -309,3 +309,18 @@ def test_sigkill_between_add_and_delete_then_resume(make_kb, tmp_path: Path) -> 
     assert r.files_unchanged == 6  # batches 1 and 2 count as done, newest version kept
     assert r.files_ingested == 2
     _check_complete(kb2, files, "vtwo")
+
+
+def test_changed_chunk_settings_rechunk_unchanged_files(make_kb, tmp_path: Path) -> None:
+    text = " ".join(f"Sentence {i} mentions zebras and their stripes." for i in range(40))
+    f = write(tmp_path / "z" / "zebras.txt", text)
+    small = make_kb(chunk={"size_tokens": 40, "overlap_tokens": 4})
+    small.ingest([f.parent])
+    n_small = small.store.count()
+    big = make_kb(chunk={"size_tokens": 400, "overlap_tokens": 4})
+    report = big.ingest([f.parent])
+    assert report.files_ingested == 1 and report.files_unchanged == 0
+    assert big.store.count() < n_small
+    assert len(set(pairs(big))) == big.store.count()  # the old chunking is gone
+    again = big.ingest([f.parent])
+    assert again.files_unchanged == 1

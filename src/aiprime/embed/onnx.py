@@ -23,6 +23,27 @@ import numpy as np
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def _check_modules(model_dir: Path) -> None:
+    """The export covers transformer + pooling + normalisation; refuse anything more
+    (a Dense head, say) rather than silently give different embeddings than torch."""
+    modules = model_dir / "modules.json"
+    if not modules.is_file():
+        return
+    extra = [
+        m.get("type", "?")
+        for m in json.loads(modules.read_text())
+        if not str(m.get("type", "")).endswith(_SUPPORTED_MODULES)
+    ]
+    if extra:
+        raise ValueError(
+            f"{model_dir}: modules {extra} are not supported by the ONNX backend "
+            "(use backend 'torch')"
+        )
+
+
 def _pooling_mode(model_dir: Path) -> str:
     """Read the sentence-transformers pooling config; mean pooling when none is given."""
     for cfg in sorted(model_dir.glob("*Pooling*/config.json")):
@@ -68,6 +89,7 @@ def export_onnx(model_dir: Path, out_path: Path, quantize: bool) -> Path:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    _check_modules(model_dir)
     pooling = _pooling_mode(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     # Eager attention exports as plain MatMul/Softmax, which int8 quantisation and ORT's

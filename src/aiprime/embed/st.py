@@ -23,7 +23,7 @@ class SentenceTransformerEmbedder:
         self.model.max_seq_length = min(max_seq_length, self.model.max_seq_length or max_seq_length)
         self.batch_size = batch_size
         self.model_id = f"{Path(path).name}"
-        dim = self.model.get_sentence_embedding_dimension()
+        dim = self.model.get_embedding_dimension()
         if dim is None:
             raise ValueError(f"{path}: model does not declare its embedding dimension")
         self.dim = int(dim)

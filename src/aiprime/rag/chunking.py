@@ -68,6 +68,11 @@ class Chunker:
         self.size = size_tokens
         self.overlap = overlap_tokens
 
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the chunking rules and sizes; stored with each file's version."""
+        return f"chunker-v1|{self.size}|{self.overlap}"
+
     def _units(self, doc: Document, blocks: Sequence[Block]) -> list[_Unit]:
         text = doc.text
         counts = self.count([text[b.start : b.end] for b in blocks])
