@@ -27,10 +27,11 @@ def check_collection_name(name: str) -> str:
 
 
 @dataclass
-class ChunkRecord:
+class ChunkFields:
+    """Where a chunk comes from: what a stored record and a search hit share."""
+
     id: str
     source: str
-    source_hash: str
     doc_id: str
     title: str
     text: str
@@ -38,47 +39,31 @@ class ChunkRecord:
     start: int
     end: int
     page: int
-    ingested_at: int
-    vector: np.ndarray
-    modality: str = "text"
 
     @property
     def content(self) -> str:
+        """What is embedded and indexed: the context line (title, headings), then the text."""
         return f"{self.title}\n{self.text}" if self.title else self.text
 
 
 @dataclass
-class Hit:
+class ChunkRecord(ChunkFields):
+    source_hash: str
+    ingested_at: int
+    vector: np.ndarray
+    modality: str = "text"
+
+
+@dataclass
+class Hit(ChunkFields):
     """One retrieved chunk, with where it came from and how each retriever scored it."""
 
-    id: str
-    source: str
-    doc_id: str
-    title: str
-    text: str
-    chunk_index: int
-    start: int
-    end: int
-    page: int
     score: float
     scores: dict[str, float] = field(default_factory=dict)
     modality: str = "text"
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "source": self.source,
-            "doc_id": self.doc_id,
-            "title": self.title,
-            "text": self.text,
-            "chunk_index": self.chunk_index,
-            "start": self.start,
-            "end": self.end,
-            "page": self.page,
-            "score": self.score,
-            "scores": self.scores,
-            "modality": self.modality,
-        }
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
