@@ -12,7 +12,7 @@ from aiprime.embed import Embedder, load_embedder
 from aiprime.rag.chunking import Chunker
 from aiprime.rag.ingest import Ingestor, IngestReport, Progress, remove
 from aiprime.rag.retrieve import Mode, Retriever
-from aiprime.store import Hit, SourceInfo
+from aiprime.store import Hit, SourceInfo, Store
 from aiprime.store.lance import LanceStore
 
 
@@ -31,6 +31,7 @@ class KnowledgeBase:
         home: str | Path | None = None,
         collection: str | None = None,
         embedder: Embedder | None = None,
+        store: Store | None = None,
     ) -> None:
         s = settings or load_settings(home)
         if collection:
@@ -38,13 +39,17 @@ class KnowledgeBase:
         s.ensure_dirs()
         self.settings = s
         self._embedder = embedder
+        self._store = store
 
     @cached_property
     def embedder(self) -> Embedder:
         return self._embedder or load_embedder(self.settings)
 
     @cached_property
-    def store(self) -> LanceStore:
+    def store(self) -> Store:
+        """LanceDB by default; any ``Store`` (e.g. ``LangChainStore``) when given."""
+        if self._store is not None:
+            return self._store
         return LanceStore(
             self.settings.store_dir,
             self.settings.collection,

@@ -222,9 +222,7 @@ class LanceStore:
             )
         n = table.count_rows()
         if n >= self.ann_min_rows and "vector_idx" not in names:
-            table.create_index(
-                "vector", config=HnswSq(distance_type="cosine"), name="vector_idx"
-            )
+            table.create_index("vector", config=HnswSq(distance_type="cosine"), name="vector_idx")
         table.optimize(cleanup_older_than=timedelta(days=1))
 
     # -- reads ----------------------------------------------------------------------
@@ -242,9 +240,7 @@ class LanceStore:
 
     @staticmethod
     def _hits(rows: list[dict[str, Any]], key: str, sign: float, base: float) -> list[Hit]:
-        return [
-            Hit(**{c: r[c] for c in _COLUMNS}, score=base + sign * float(r[key])) for r in rows
-        ]
+        return [Hit(**{c: r[c] for c in _COLUMNS}, score=base + sign * float(r[key])) for r in rows]
 
     def dense_search(self, vector: np.ndarray, k: int, where: str | None = None) -> list[Hit]:
         table = self.table
