@@ -41,6 +41,8 @@ app = typer.Typer(
 )
 eval_app = typer.Typer(help="Reproducible evaluations.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+rerank_app = typer.Typer(help="Train the re-rankers.", no_args_is_help=True)
+app.add_typer(rerank_app, name="rerank")
 
 # soft_wrap: one message stays one line (paths are not broken) when output is piped.
 console = Console(soft_wrap=True)
@@ -273,12 +275,25 @@ def eval_beir(
         typer.Option("--tune-on", help="Tune the hybrid fusion on this split first (e.g. train)."),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the metrics as JSON.")] = None,
+    rerank: Annotated[
+        str,
+        typer.Option(
+            "--rerank",
+            help="Re-ranking stack: none, lr, cross-encoder, lr+cross-encoder (mmr too).",
+        ),
+    ] = "none",
 ) -> None:
     """nDCG@10, Recall@100 and MRR@10 on a BEIR dataset (documents scored by best chunk)."""
     from aiprime.rag.beir import BeirError, evaluate_beir
+    from aiprime.rag.rerank.lr import RerankModelError
+    from aiprime.rag.rerank.stack import parse_stack
 
     if retriever not in ("bm25", "dense", "hybrid"):
         _fail(f"--retriever {retriever!r}: choose bm25, dense or hybrid")
+    try:
+        stages = parse_stack(rerank)
+    except ValueError as e:
+        _fail(f"--rerank: {e}")
     base = settings()
     try:
         with progress_bar() as bar:
@@ -289,18 +304,104 @@ def eval_beir(
                 retriever,  # type: ignore[arg-type]
                 tune_split=tune_on,
                 progress=RichIngestProgress(bar),
+                rerank=stages,
             )
-    except (BeirError, FileNotFoundError) as e:
+    except (BeirError, RerankModelError, FileNotFoundError) as e:
         _fail(str(e))
     summary = {k: result[k] for k in ("ndcg@10", "recall@100", "mrr@10")}
-    t = Table("metric", "value", title=f"{dataset.name} · {split} · {retriever}")
+    title = f"{dataset.name} · {split} · {retriever}" + (f" → {'+'.join(stages)}" if stages else "")
+    t = Table("metric", "value", title=title)
     for k_, v in summary.items():
         t.add_row(k_, f"{v:.4f}")
+    for stage, ms in result.get("rerank_ms_per_query", {}).items():
+        t.add_row(f"{stage} ms/query", f"{ms:.1f}")
     console.print(t)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {escape(str(out))}")
+
+
+@rerank_app.command("train")
+def rerank_train(
+    dataset: Annotated[
+        Path, typer.Argument(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/.")
+    ],
+    split: Annotated[str, typer.Option("--split", help="qrels split to train on.")] = "train",
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="Where models go (default: the data directory's models/)."),
+    ] = None,
+    skip_cross_encoder: Annotated[
+        bool, typer.Option("--skip-cross-encoder", help="Train the LR re-ranker only.")
+    ] = False,
+    ce_epochs: Annotated[
+        int,
+        typer.Option("--ce-epochs", min=0, help="Fine-tuning epochs; 0 only tunes the blend."),
+    ] = 1,
+    ce_max_queries: Annotated[
+        int | None,
+        typer.Option("--ce-max-queries", min=1, help="Cap training queries (quick runs)."),
+    ] = None,
+    ce_base: Annotated[
+        str,
+        typer.Option("--ce-base", help="Starting weights: a local dir or HF-cache id."),
+    ] = "all-MiniLM-L6-v2",
+) -> None:
+    """Train the LR feature re-ranker and fine-tune the cross-encoder on SPLIT's judgements."""
+    from aiprime.embed import resolve_model_path
+    from aiprime.rag.beir import BeirError
+    from aiprime.rag.rerank.stack import cross_encoder_path, lr_path
+    from aiprime.rag.rerank.train import candidates_for, train_ce_stage, train_lr_stage
+
+    if split == "test":
+        err.print("[yellow]warning:[/yellow] training on 'test'; do not report on it")
+    s = settings()
+    s.ensure_dirs()
+    lr_out = out_dir / "rerank" / "lr.json" if out_dir else lr_path(s)
+    ce_out = out_dir / "cross-encoder" if out_dir else Path(cross_encoder_path(s))
+    report: dict[str, Any] = {"dataset": str(dataset.resolve()), "split": split}
+    try:
+        with progress_bar() as bar:
+            prog = RichIngestProgress(bar)
+            queries, qrels, cands = candidates_for(s, dataset, split, prog)
+            report["lr"] = train_lr_stage(queries, qrels, cands, lr_out, s.rerank.depth)
+            console.print(
+                f"LR re-ranker: C={report['lr']['C']} class_weight={report['lr']['class_weight']}"
+                f" cv nDCG@10={report['lr']['cv_ndcg@10']:.4f} → {escape(str(lr_out))}"
+            )
+            if not skip_cross_encoder:
+                base = ce_base
+                if ce_epochs > 0 and ce_base.lower().endswith("all-minilm-l6-v2"):
+                    base = str(resolve_model_path(ce_base))
+                task = bar.add_task("fine-tuning cross-encoder", total=None)
+
+                def on_step(step: int, total: int, loss: float) -> None:
+                    bar.update(task, completed=step, total=total)
+
+                report["cross_encoder"] = train_ce_stage(
+                    s,
+                    queries,
+                    qrels,
+                    cands,
+                    ce_out,
+                    base,
+                    ce_epochs,
+                    ce_max_queries,
+                    lr_out,
+                    on_step,
+                    groups_file=lr_out.parent / f"ce-groups-{split}.jsonl.gz",
+                )
+                ce = report["cross_encoder"]
+                console.print(
+                    f"cross-encoder: blend={ce['blend']} held-out nDCG@10="
+                    f"{ce['tune_ndcg@10']:.4f} → {escape(str(ce_out))}"
+                )
+    except (BeirError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    rep = lr_out.parent / "train-report.json"
+    rep.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {escape(str(rep))}")
 
 
 def main() -> None:

@@ -67,6 +67,25 @@ class StoreSettings(BaseModel):
     ann_min_rows: int = Field(100_000, ge=1)
 
 
+RerankStage = Literal["lr", "cross-encoder", "mmr"]
+
+
+class RerankSettings(BaseModel):
+    # None: every trained stage found under models_dir (lr, then cross-encoder), so a
+    # model trained once is used afterwards; [] turns re-ranking off.
+    stack: list[RerankStage] | None = None
+    depth: int = Field(100, ge=1, description="Fused candidates handed to the first stage.")
+    lr_model: Path | None = Field(None, description="Default: models_dir/rerank/lr.json.")
+    cross_encoder: str | None = Field(
+        None, description="Local dir or HF-cache id; default: models_dir/cross-encoder."
+    )
+    ce_top_k: int = Field(20, ge=1, description="Candidates the cross-encoder rescores.")
+    ce_max_length: int = Field(256, ge=16)
+    ce_batch_size: int = Field(32, ge=1)
+    mmr_lambda: float = Field(0.7, ge=0.0, le=1.0, description="1 = relevance only.")
+    mmr_top_k: int = Field(10, ge=1, description="Results MMR selects; the rest follow.")
+
+
 class Settings(BaseSettings):
     """Everything configurable, validated once."""
 
@@ -80,6 +99,7 @@ class Settings(BaseSettings):
     embed: EmbedSettings = Field(default_factory=EmbedSettings)
     retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    rerank: RerankSettings = Field(default_factory=RerankSettings)
 
     @classmethod
     def settings_customise_sources(

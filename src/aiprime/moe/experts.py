@@ -33,11 +33,29 @@ def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
     return all(t.numel() == 0 or t.data_ptr() % 16 == 0 for t in (a, b))
 
 
+# (device type, dtype) pairs for which the kernel raised: e.g. float32 on a CUDA build whose
+# grouped_mm is bf16-only. Remembered so the exception is paid once, not per call.
+_REFUSED: set[tuple[str, torch.dtype]] = set()
+
+
+def _try_kernel(*args: Tensor, offs: Tensor) -> Tensor | None:
+    key = (args[0].device.type, args[0].dtype)
+    if _KERNEL is None or key in _REFUSED:
+        return None
+    try:
+        out: Tensor = _KERNEL(*args, offs=offs)
+    except (RuntimeError, NotImplementedError):
+        _REFUSED.add(key)
+        return None
+    return out
+
+
 def _gmm(a: Tensor, b: Tensor, offs: Tensor, use_kernel: bool) -> Tensor:
     """``out[rows of group e] = a[rows of group e] @ b[e]``; ``offs[-1]`` must equal ``len(a)``."""
     if use_kernel:
-        assert _KERNEL is not None
-        return _KERNEL(a.contiguous(), b, offs=offs)
+        res = _try_kernel(a.contiguous(), b, offs=offs)
+        if res is not None:
+            return res
     # Fallback: one matmul per non-empty group, only for layouts the kernel refuses.
     out = a.new_empty(a.shape[0], b.shape[-1])
     start = 0
@@ -51,8 +69,9 @@ def _gmm(a: Tensor, b: Tensor, offs: Tensor, use_kernel: bool) -> Tensor:
 def _gmm_weight_grad(a: Tensor, g: Tensor, offs: Tensor, n_groups: int, use_kernel: bool) -> Tensor:
     """``grad_b[e] = a[rows of e].T @ g[rows of e]``, zero for empty groups."""
     if use_kernel and a.shape[0] > 0:
-        assert _KERNEL is not None
-        return _KERNEL(a.t(), g, offs=offs)
+        res = _try_kernel(a.t(), g.contiguous(), offs=offs)
+        if res is not None:
+            return res
     out = a.new_zeros(n_groups, a.shape[1], g.shape[1])
     start = 0
     for e, end in enumerate(offs.tolist()):
@@ -113,7 +132,8 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     ``torch.nn.functional.grouped_mm`` (CPU and CUDA sm80+) when the layout allows and a
     per-group ``torch.mm`` otherwise.
     """
-    out: Tensor = _grouped_mm_op(a, b, offsets.to(torch.int32))
+    # like HF, match the weight dtype (grouped_mm is not autocast-aware)
+    out: Tensor = _grouped_mm_op(a.to(b.dtype), b, offsets.to(torch.int32))
     return out
 
 

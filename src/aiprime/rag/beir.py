@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,10 @@ from aiprime.embed import Embedder
 from aiprime.rag.fusion import best_per_doc, rrf, score_mix
 from aiprime.rag.retrieve import Mode, Retriever
 from aiprime.store import Hit
+
+if TYPE_CHECKING:
+    from aiprime.rag.ingest import IngestReport
+    from aiprime.rag.kb import KnowledgeBase
 
 Qrels = dict[str, dict[str, int]]
 Run = dict[str, dict[str, float]]
@@ -183,23 +187,23 @@ def evaluate_beir(
     tune_split: str | None = None,
     progress: Any = None,
     embedder: Embedder | None = None,
+    rerank: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Ingest the corpus (incrementally), optionally tune fusion on ``tune_split``, evaluate.
+
+    ``rerank`` names re-ranking stages (``lr``, ``cross-encoder``, ``mmr``) applied in order
+    to each query's fused candidates; their mean added latency is reported per stage.
 
     The corpus goes to its own collection, keyed by dataset and embedding/chunking
     configuration, so reruns only query and configurations never mix.
     """
-    from aiprime.rag.kb import KnowledgeBase
+    from aiprime.rag.rerank.stack import build_stack
 
     if tune_split is not None and tune_split == split:
         raise BeirError(f"refusing to tune on the split being reported ({split!r})")
     data = load_beir(dataset, split)
-    c = settings
-    key = f"{c.embed.model}|{c.embed.backend}|{c.chunk.size_tokens}|{c.chunk.overlap_tokens}"
-    kb = KnowledgeBase(settings, collection=collection_for(dataset, key), embedder=embedder)
-    report = kb.ingest([data.corpus], progress)
-    if report.errors and not kb.store.count():
-        raise BeirError(f"{data.corpus}: nothing could be ingested: {report.errors[0]}")
+    kb, report = open_beir_kb(settings, dataset, data.corpus, progress, embedder)
+    stack = build_stack(kb.settings, list(rerank), kb.embedder) if rerank else None
     rsettings: RetrieveSettings = kb.settings.retrieve
     depth = 300  # chunks; enough to fill 100 documents at ~2-3 chunks per document
     tuning: list[dict[str, float]] | None = None
@@ -212,7 +216,15 @@ def evaluate_beir(
     if progress is not None:
         progress.task(f"querying {split}", len(data.queries))
     comps = fetch_components(kb.retriever, data.queries, depth, _advance(progress))
-    result: dict[str, Any] = dict(metrics(to_run(comps.fuse(rsettings, retriever)), data.qrels))
+    ranked = comps.fuse(rsettings, retriever)
+    if stack is not None:
+        if progress is not None:
+            progress.task(f"re-ranking ({'+'.join(stack.names)})", len(ranked))
+        for q in ranked:
+            ranked[q] = stack.rerank(data.queries[q], ranked[q])
+            if progress is not None:
+                progress.advance(1)
+    result: dict[str, Any] = dict(metrics(to_run(ranked), data.qrels))
     result.update(
         {
             "dataset": str(Path(dataset).resolve()),
@@ -227,12 +239,34 @@ def evaluate_beir(
             "dense_weight": rsettings.dense_weight if retriever == "hybrid" else None,
             "tuned_on": tune_split if tuning is not None else None,
             "retrieval_ms_per_query_depth300": 1000 * comps.seconds / max(1, len(data.queries)),
+            "rerank": stack.names if stack is not None else [],
+            "rerank_ms_per_query": stack.latency_ms() if stack is not None else {},
             "ingest": report.to_dict() | {"errors": [str(e) for e in report.errors[:20]]},
         }
     )
     if tuning is not None:
         result["tuning_trials"] = tuning
     return result
+
+
+def open_beir_kb(
+    settings: Settings,
+    dataset: Path,
+    corpus: Path,
+    progress: Any = None,
+    embedder: Embedder | None = None,
+) -> tuple[KnowledgeBase, IngestReport]:
+    """The dataset's own collection (keyed by dataset and embedding/chunking
+    configuration), with the corpus ingested incrementally."""
+    from aiprime.rag.kb import KnowledgeBase
+
+    c = settings
+    key = f"{c.embed.model}|{c.embed.backend}|{c.chunk.size_tokens}|{c.chunk.overlap_tokens}"
+    kb = KnowledgeBase(settings, collection=collection_for(dataset, key), embedder=embedder)
+    report = kb.ingest([corpus], progress)
+    if report.errors and not kb.store.count():
+        raise BeirError(f"{corpus}: nothing could be ingested: {report.errors[0]}")
+    return kb, report
 
 
 def _advance(progress: Any) -> Callable[[int], None] | None:

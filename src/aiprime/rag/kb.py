@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiprime.config import Settings, load_settings
 from aiprime.embed import Embedder, load_embedder
@@ -14,6 +14,9 @@ from aiprime.rag.ingest import Ingestor, IngestReport, Progress, remove
 from aiprime.rag.retrieve import Mode, Retriever
 from aiprime.store import Hit, SourceInfo, Store
 from aiprime.store.lance import LanceStore
+
+if TYPE_CHECKING:
+    from aiprime.rag.rerank.stack import RerankStack
 
 
 class KnowledgeBase:
@@ -32,6 +35,7 @@ class KnowledgeBase:
         collection: str | None = None,
         embedder: Embedder | None = None,
         store: Store | None = None,
+        reranker: RerankStack | Literal["auto"] | None = "auto",
     ) -> None:
         s = settings or load_settings(home)
         if collection:
@@ -40,6 +44,7 @@ class KnowledgeBase:
         self.settings = s
         self._embedder = embedder
         self._store = store
+        self._reranker = reranker
 
     @cached_property
     def embedder(self) -> Embedder:
@@ -76,12 +81,33 @@ class KnowledgeBase:
     def remove(self, paths: Sequence[str | Path], missing: bool = False) -> list[str]:
         return remove(self.store, [str(p) for p in paths], missing)
 
+    @cached_property
+    def reranker(self) -> RerankStack | None:
+        """The configured re-ranking stack; by default every stage trained under the data
+        directory (``aiprime rerank train``), None when there is none."""
+        if self._reranker != "auto":
+            return self._reranker
+        from aiprime.rag.rerank.stack import build_stack
+
+        return build_stack(self.settings, None, self.embedder)
+
     def search(
-        self, query: str, k: int = 10, mode: Mode | None = None, where: str | None = None
+        self,
+        query: str,
+        k: int = 10,
+        mode: Mode | None = None,
+        where: str | None = None,
+        rerank: bool = True,
     ) -> list[Hit]:
+        """Retrieve, then re-rank the fused candidates when a re-ranker is configured
+        (``rerank=False`` skips it, e.g. to compare)."""
         if not query.strip():
             raise ValueError("query is empty")
-        return self.retriever.search(query, k, mode, where)
+        stack = self.reranker if rerank else None
+        if stack is None:
+            return self.retriever.search(query, k, mode, where)
+        hits = self.retriever.search(query, max(k, stack.depth), mode, where)
+        return stack.rerank(query, hits, k)
 
     def sources(self) -> dict[str, SourceInfo]:
         return self.store.sources()

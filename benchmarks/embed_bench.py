@@ -1,0 +1,78 @@
+"""Embedding backends compared on the same texts, interleaved: torch vs ONNX vs ONNX int8.
+
+Each repetition runs every backend once over the same batch of chunks, in turn, so a
+noisy machine slows all of them alike; the median over repetitions is reported, with the
+cosine agreement of each backend with the torch reference.
+
+    python benchmarks/embed_bench.py --dataset ../shared/data/scifact --n 256 --out out/embed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+
+from aiprime.config import load_settings
+from aiprime.embed import load_embedder
+
+
+def demo_texts(n: int) -> list[str]:
+    words = ["retrieval", "hybrid", "sparse", "dense", "vector", "index", "chunk", "token", "model", "query"]
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(words, size=int(rng.integers(20, 180)))) for _ in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dataset", type=Path, default=None, help="BEIR folder (else synthetic)")
+    ap.add_argument("--n", type=int, default=256, help="texts per repetition")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    if args.dataset:
+        with (args.dataset / "corpus.jsonl").open() as f:
+            docs = [json.loads(next(f)) for _ in range(args.n)]
+        texts = [f"{d['title']}\n{d['text']}" for d in docs]
+    else:
+        texts = demo_texts(args.n)
+    home = Path(tempfile.mkdtemp(prefix="embed-bench-"))
+    backends = ("torch", "onnx", "onnx-int8")
+    emb = {
+        b: load_embedder(load_settings(home=home, embed={"backend": b}), cached=False)
+        for b in backends
+    }
+    for e in emb.values():
+        e.encode(texts[:8])  # warm-up
+    times: dict[str, list[float]] = {b: [] for b in backends}
+    vecs: dict[str, np.ndarray] = {}
+    for _ in range(args.reps):
+        for b in backends:
+            t0 = time.perf_counter()
+            vecs[b] = emb[b].encode(texts)
+            times[b].append(time.perf_counter() - t0)
+    out: dict[str, object] = {"texts": len(texts), "reps": args.reps, "date": time.strftime("%F")}
+    base = statistics.median(times["torch"])
+    for b in backends:
+        med = statistics.median(times[b])
+        out[f"{b}_texts_per_s"] = round(len(texts) / med, 2)
+        out[f"{b}_speedup_vs_torch"] = round(base / med, 2)
+        out[f"{b}_cosine_vs_torch_mean"] = round(float((vecs[b] * vecs["torch"]).sum(1).mean()), 5)
+        out[f"{b}_cosine_vs_torch_min"] = round(float((vecs[b] * vecs["torch"]).sum(1).min()), 5)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    for k, v in out.items():
+        print(f"{k:32s} {v}")
+
+
+if __name__ == "__main__":
+    main()
