@@ -27,7 +27,18 @@ from aiprime.embed import load_embedder
 
 
 def demo_texts(n: int) -> list[str]:
-    words = ["retrieval", "hybrid", "sparse", "dense", "vector", "index", "chunk", "token", "model", "query"]
+    words = [
+        "retrieval",
+        "hybrid",
+        "sparse",
+        "dense",
+        "vector",
+        "index",
+        "chunk",
+        "token",
+        "model",
+        "query",
+    ]
     rng = np.random.default_rng(0)
     return [" ".join(rng.choice(words, size=int(rng.integers(20, 180)))) for _ in range(n)]
 
