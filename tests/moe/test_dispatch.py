@@ -26,7 +26,7 @@ def routings(draw: st.DrawFn) -> tuple[torch.Tensor, int, int | None]:
     return idx, n_exp, cap
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(routings())
 def test_plan_properties(routing: tuple[torch.Tensor, int, int | None]) -> None:
     idx, n_exp, cap = routing
@@ -58,7 +58,7 @@ def test_plan_properties(routing: tuple[torch.Tensor, int, int | None]) -> None:
             assert {p for p in pairs if p[1] == e} == kept
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(routings(), st.integers(1, 5))
 def test_unpermute_inverts_permute(routing: tuple[torch.Tensor, int, int | None], d: int) -> None:
     idx, n_exp, cap = routing
@@ -76,7 +76,7 @@ def test_unpermute_inverts_permute(routing: tuple[torch.Tensor, int, int | None]
         torch.testing.assert_close(gate_sum, w.sum(-1))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.integers(1, 5), st.integers(1, 10), st.integers(0, 2**16))
 def test_expert_choice_plan(n_exp: int, n: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -88,7 +88,7 @@ def test_expert_choice_plan(n_exp: int, n: int, seed: int) -> None:
     assert int(plan.n_dropped) == n - len(picked)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(st.integers(1, 4), st.integers(1, 4), st.integers(0, 2**16))
 def test_regroup_index(world: int, n_local: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)

@@ -72,7 +72,11 @@ class CrossEncoderModel:
         self.batch_size = batch_size
         self.device = _device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(self.path))
+        import torch
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            str(self.path), dtype=torch.float32
+        )
         self.model.to(self.device).eval()
         meta = self.path / META_FILE
         self.meta: dict[str, Any] = json.loads(meta.read_text()) if meta.is_file() else {}
@@ -205,7 +209,9 @@ def train_cross_encoder(
     dev = _device(device)
     base_path = resolve_cross_encoder(base)
     tok = AutoTokenizer.from_pretrained(str(base_path))
-    model = AutoModelForSequenceClassification.from_pretrained(str(base_path), num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base_path), num_labels=1, dtype=torch.float32
+    )
     model.to(dev).train()
     steps_per_epoch = math.ceil(len(groups) / groups_per_batch)
     total = steps_per_epoch * epochs
@@ -260,9 +266,9 @@ def train_cross_encoder(
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             if on_step is not None:
-                on_step(step, total, float(loss))
+                on_step(step, total, losses[-1])
             elif bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
@@ -300,5 +306,7 @@ def update_meta(model_dir: Path, **fields: Any) -> dict[str, Any]:
     path = Path(model_dir) / META_FILE
     meta: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     meta.update(fields)
-    path.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(path)
     return meta
