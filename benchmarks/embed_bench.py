@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
+from _common import write_results
 
 from aiprime.config import load_settings
 from aiprime.embed import load_embedder
@@ -79,10 +80,7 @@ def main() -> None:
         out[f"{b}_speedup_vs_torch"] = round(base / med, 2)
         out[f"{b}_cosine_vs_torch_mean"] = round(float((vecs[b] * vecs["torch"]).sum(1).mean()), 5)
         out[f"{b}_cosine_vs_torch_min"] = round(float((vecs[b] * vecs["torch"]).sum(1).min()), 5)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    for k, v in out.items():
-        print(f"{k:32s} {v}")
+    write_results(out, args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
+from _common import write_results
 
 from aiprime.config import load_settings
 from aiprime.embed import CachedEmbedder, EmbeddingCache, load_embedder
@@ -161,10 +162,7 @@ def main() -> None:
         out["ingest_docs_per_s"] / out["langchain_ingest_docs_per_s"], 2
     )
     out["query_mean_ms"] = round(1000 * statistics.mean(lat["aiprime"]), 2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    for k, v in out.items():
-        print(f"{k:32s} {v}")
+    write_results(out, args.out)
 
 
 if __name__ == "__main__":
