@@ -43,6 +43,9 @@ eval_app = typer.Typer(help="Reproducible evaluations.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 rerank_app = typer.Typer(help="Train the re-rankers.", no_args_is_help=True)
 app.add_typer(rerank_app, name="rerank")
+from aiprime.cli_moe import moe_app  # noqa: E402  (MoE LM commands, see docs/moe_lm.md)
+
+app.add_typer(moe_app, name="moe")
 
 # soft_wrap: one message stays one line (paths are not broken) when output is piped.
 console = Console(soft_wrap=True)

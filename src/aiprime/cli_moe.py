@@ -62,7 +62,7 @@ def train_cmd(
         TimeRemainingColumn,
     )
 
-    from .train import NonFiniteLossError, load_config, train
+    from aiprime.moe.lm.train import NonFiniteLossError, load_config, train
 
     try:
         cfg = load_config(config)
@@ -133,7 +133,7 @@ def generate_cmd(
     """Continue PROMPT with a trained model and print the text."""
     import torch
 
-    from .train import load_for_inference
+    from aiprime.moe.lm.train import load_for_inference
 
     try:
         model, tok = load_for_inference(checkpoint)
@@ -169,10 +169,10 @@ def inspect_cmd(
     import torch
     from rich.table import Table
 
-    from .checkpoint import find_checkpoint, read_state
-    from .data import TextData
-    from .inspect import expert_profiles, expert_token_counts
-    from .train import load_for_inference
+    from aiprime.moe.lm.checkpoint import find_checkpoint, read_state
+    from aiprime.moe.lm.data import TextData
+    from aiprime.moe.lm.inspect import expert_profiles, expert_token_counts
+    from aiprime.moe.lm.train import load_for_inference
 
     try:
         model, tok = load_for_inference(checkpoint)
@@ -214,7 +214,7 @@ def compare_cmd(
 
     from rich.table import Table
 
-    from .inspect import group_summaries, summarize_run
+    from aiprime.moe.lm.inspect import group_summaries, summarize_run
 
     try:
         summaries = [summarize_run(r) for r in runs]
