@@ -32,6 +32,10 @@ class DispatchPlan:
     n_dropped: Tensor
     n_total: int
     capacity: int | None
+    # dropless token choice only: ``slots[s]`` is the position ``token * k + slot`` of sorted
+    # row ``s``, so un-permuting is a scatter and a sum over the k slots (no atomics)
+    slots: Tensor | None = None
+    top_k: int = 0
 
     @property
     def dropped_fraction(self) -> Tensor:
@@ -49,27 +53,39 @@ def plan_token_choice(
     """
     n_tokens, k = indices.shape
     total = n_tokens * k
+    if capacity is None or capacity >= total:
+        # Dropless: token-major order needs no transposed copies, and the order of rows
+        # within an expert's group does not matter.
+        flat_e = indices.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        routed = expert_counts(flat_e, n_experts)
+        return DispatchPlan(
+            token_idx=order // k,
+            weights=weights.reshape(-1)[order],
+            counts=routed,
+            offsets=torch.cumsum(routed, 0, dtype=torch.int32),
+            routed_counts=routed,
+            n_dropped=torch.zeros((), dtype=torch.int64, device=indices.device),
+            n_total=total,
+            capacity=capacity,
+            slots=order,
+            top_k=k,
+        )
     flat_e = indices.t().reshape(-1)
     flat_w = weights.t().reshape(-1)
     order = torch.argsort(flat_e, stable=True)
     routed = expert_counts(flat_e, n_experts)
-    if capacity is None or capacity >= total:
-        counts = routed
-        n_dropped = torch.zeros((), dtype=torch.int64, device=indices.device)
-    else:
-        starts = torch.cumsum(routed, 0) - routed
-        rank = torch.arange(total, device=indices.device) - starts[flat_e[order]]
-        keep = rank < capacity
-        order = order[keep]
-        counts = routed.clamp(max=capacity)
-        n_dropped = total - counts.sum()
+    starts = torch.cumsum(routed, 0) - routed
+    rank = torch.arange(total, device=indices.device) - starts[flat_e[order]]
+    order = order[rank < capacity]
+    counts = routed.clamp(max=capacity)
     return DispatchPlan(
         token_idx=order % max(n_tokens, 1),
         weights=flat_w[order],
         counts=counts,
-        offsets=torch.cumsum(counts, 0).to(torch.int32),
+        offsets=torch.cumsum(counts, 0, dtype=torch.int32),
         routed_counts=routed,
-        n_dropped=n_dropped,
+        n_dropped=total - counts.sum(),
         n_total=total,
         capacity=capacity,
     )
@@ -106,6 +122,16 @@ def unpermute(
     Dropped assignments contribute zero, so a token with none kept gets 0 here and is carried
     by the caller's residual connection. Low-precision inputs accumulate in float32.
     """
+    if (
+        weights is None
+        and plan.slots is not None
+        and plan.slots.numel() == n_tokens * plan.top_k
+        and n_tokens > 0
+    ):
+        # every token has exactly k rows: place them token-major, then reduce over the slots
+        # (the reduction accumulates low precision in float32 and rounds once)
+        flat = y.new_empty(n_tokens * plan.top_k, y.shape[-1]).index_copy_(0, plan.slots, y)
+        return flat.view(n_tokens, plan.top_k, -1).sum(dim=1)
     acc_dtype = torch.float32 if y.dtype in (torch.bfloat16, torch.float16) else y.dtype
     src = y.to(acc_dtype)
     if weights is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -15,6 +16,11 @@ _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
     """Whether ``torch`` grouped_mm accepts these operands (forward and backward layouts).
 
@@ -23,7 +29,7 @@ def grouped_mm_supported(a: Tensor, b: Tensor) -> bool:
     """
     if _KERNEL is None or a.dtype not in _GMM_DTYPES or a.dtype != b.dtype:
         return False
-    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (8, 0):
+    if a.device.type == "cuda" and _capability(a.device.index) < (8, 0):
         return False
     size = a.element_size()
     k, n = b.shape[-2], b.shape[-1]
@@ -125,6 +131,19 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Non
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _native_cuda(a: Tensor, b: Tensor) -> bool:
+    """Whether to call the CUDA kernel directly, with its native autograd: bf16 (the dtype
+    of its fast path), eager mode. Skips the custom op's Python dispatch, which at a few
+    thousand tokens costs as much GPU idle time as the matmul itself."""
+    return (
+        a.is_cuda
+        and b.dtype == torch.bfloat16
+        and _KERNEL is not None
+        and not torch.compiler.is_compiling()
+        and grouped_mm_supported(a, b)
+    )
+
+
 def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     """Differentiable grouped matmul: ``a`` ``[S, K]`` sorted by group, ``b`` ``[E, K, N]``.
 
@@ -133,8 +152,34 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     per-group ``torch.mm`` otherwise.
     """
     # like HF, match the weight dtype (grouped_mm is not autocast-aware)
-    out: Tensor = _grouped_mm_op(a.to(b.dtype), b, offsets.to(torch.int32))
+    a = a.to(b.dtype)
+    if offsets.dtype != torch.int32:
+        offsets = offsets.to(torch.int32)
+    if _native_cuda(a, b):
+        assert _KERNEL is not None
+        res: Tensor = _KERNEL(a.contiguous(), b, offs=offsets)
+        return res
+    out: Tensor = _grouped_mm_op(a, b, offsets)
     return out
+
+
+# Padding beyond this factor of the real rows sends the padded-bmm path back to grouped_mm.
+_MAX_PAD_RATIO = 2.0
+
+
+def _padded_rows(offsets: Tensor, n_rows: int, n_groups: int) -> tuple[Tensor, int] | None:
+    """Destination rows ``e * M + rank`` of the sorted rows in an ``[E, M]`` padded layout,
+    with ``M`` the largest group (one host sync), or ``None`` when padding would waste more
+    than ``_MAX_PAD_RATIO``."""
+    ends = offsets.long()
+    starts = ends - torch.diff(ends, prepend=ends.new_zeros(1))
+    m = int((ends - starts).max()) if n_groups else 0
+    m = -(-m // 8) * 8  # round up: friendlier tiles, fewer distinct shapes
+    if n_rows == 0 or n_groups * m > _MAX_PAD_RATIO * n_rows:
+        return None
+    rows = torch.arange(n_rows, device=offsets.device)
+    group = torch.searchsorted(ends, rows, right=True)
+    return group * m + rows - starts[group], m
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -213,17 +258,52 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: Tensor, offsets: Tensor, scale: Tensor | None = None) -> Tensor:
         """``x`` ``[S, d]`` sorted by expert; ``scale`` ``[S]`` (gates) is applied on the
-        narrower of the hidden and output activations to save memory traffic."""
-        h = grouped_mm(x, self.w_in, offsets)
-        early = scale is not None and self.d_ff <= self.d_model
+        narrower of the hidden and output activations to save memory traffic.
+
+        On CUDA, dtypes without a grouped_mm fast path (float32, float16) run as two padded
+        batched matmuls after one host sync, instead of a sync and a matmul per expert in
+        each of the six grouped matmuls of forward and backward.
+        """
+        if x.is_cuda and self.w_in.dtype != torch.bfloat16 and not torch.compiler.is_compiling():
+            layout = _padded_rows(offsets, x.shape[0], self.n_experts)
+            if layout is not None:
+                return self._forward_padded(x, scale, *layout)
+        return self._forward_grouped(x, offsets, scale)
+
+    def _activation(self, h: Tensor, scale: Tensor | None) -> Tensor:
         if self.activation == "swiglu":
-            h = swiglu(h, scale if early else None)
+            if h.is_cuda:  # plain ops: fewer kernel launches than the in-place Function
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                return swiglu(h, scale)
         else:
             h = F.gelu(h)
-            if early:
-                assert scale is not None
-                h = h * scale.to(h.dtype).unsqueeze(-1)
+        if scale is not None:
+            h = h * scale.to(h.dtype).unsqueeze(-1)
+        return h
+
+    def _forward_grouped(self, x: Tensor, offsets: Tensor, scale: Tensor | None) -> Tensor:
+        h = grouped_mm(x, self.w_in, offsets)
+        early = scale is not None and self.d_ff <= self.d_model
+        h = self._activation(h, scale if early else None)
         y = grouped_mm(h, self.w_out, offsets)
+        if scale is not None and not early:
+            y = y * scale.to(y.dtype).unsqueeze(-1)
+        return y
+
+    def _forward_padded(self, x: Tensor, scale: Tensor | None, dest: Tensor, m: int) -> Tensor:
+        n_exp, d = self.n_experts, self.d_model
+        xp = x.new_zeros(n_exp * m, d).index_copy(0, dest, x.to(self.w_in.dtype))
+        h = torch.bmm(xp.view(n_exp, m, d), self.w_in).view(n_exp * m, -1)
+        early = scale is not None and self.d_ff <= self.d_model
+        sp = None
+        if early:
+            assert scale is not None
+            sp = scale.new_zeros(n_exp * m).index_copy(0, dest, scale)
+        h = self._activation(h, sp)
+        y = torch.bmm(h.view(n_exp, m, -1), self.w_out).view(n_exp * m, d)
+        y = y.index_select(0, dest)
         if scale is not None and not early:
             y = y * scale.to(y.dtype).unsqueeze(-1)
         return y

@@ -100,25 +100,36 @@ class MoELayer(nn.Module):
     def _stats(self, r: RouterOutput, plan: DispatchPlan) -> MoEStats:
         c = self.config
         if r.kind == "token":
-            balance = load_balancing_loss(r.scores, r.indices, c.n_experts)
+            balance = load_balancing_loss(
+                r.scores,
+                r.indices,
+                c.n_experts,
+                counts=plan.routed_counts,
+                normalized=c.score_func == "softmax",
+            )
         else:  # balanced by construction
             balance = r.scores.new_zeros(())
         z = router_z_loss(r.logits)
-        aux = c.aux_loss_weight * balance + c.z_loss_weight * z
-        imbalance, cv, dead = load_statistics(plan.routed_counts)
-        with torch.no_grad():
-            entropy = router_entropy(r.scores)
+        aux = torch.add(balance * c.aux_loss_weight, z, alpha=c.z_loss_weight)
+        scores = r.scores.detach()
+
+        def diagnostics() -> dict[str, Tensor]:
+            imbalance, cv, dead = load_statistics(plan.routed_counts)
+            return {
+                "dropped_fraction": plan.dropped_fraction,
+                "router_entropy": router_entropy(scores),
+                "load_imbalance": imbalance,
+                "load_cv": cv,
+                "dead_experts": dead,
+            }
+
         return MoEStats(
             aux_loss=aux,
             balance_loss=balance,
             z_loss=z,
             tokens_per_expert=plan.counts,
             routed_per_expert=plan.routed_counts,
-            dropped_fraction=plan.dropped_fraction,
-            router_entropy=entropy,
-            load_imbalance=imbalance,
-            load_cv=cv,
-            dead_experts=dead,
+            diagnostics=diagnostics,
         )
 
 

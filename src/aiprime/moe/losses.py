@@ -29,21 +29,32 @@ def _probabilities(scores: Tensor) -> Tensor:
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
-def load_balancing_loss(scores: Tensor, indices: Tensor, n_experts: int | None = None) -> Tensor:
+def load_balancing_loss(
+    scores: Tensor,
+    indices: Tensor,
+    n_experts: int | None = None,
+    *,
+    counts: Tensor | None = None,
+    normalized: bool = False,
+) -> Tensor:
     """Switch/GShard balance loss ``E * sum_i f_i * P_i`` (unweighted; multiply by alpha).
 
     ``scores`` ``[N, E]`` are router probabilities (softmax, or sigmoid scores which are
     normalised per token), ``indices`` ``[N, k]`` the chosen experts. Gradient flows only
-    through ``P`` since ``f`` is a count.
+    through ``P`` since ``f`` is a count. ``counts`` (assignments per expert, e.g. a
+    dispatch plan's ``routed_counts``) saves recounting ``indices``; ``normalized=True``
+    says the rows of ``scores`` already sum to 1 (softmax) and skips the normalisation.
     """
     n_exp = scores.shape[-1] if n_experts is None else n_experts
-    if scores.shape[0] == 0:
-        return scores.new_zeros(())
-    probs = _probabilities(scores.float())
-    counts = expert_counts(indices, n_exp).to(probs.dtype)
-    f = counts / counts.sum().clamp_min(1.0)
-    p = probs.mean(dim=0)
-    return n_exp * torch.sum(f * p)
+    n_tokens = scores.shape[0]
+    if n_tokens == 0 or indices.numel() == 0:
+        return scores.new_zeros((), dtype=torch.float32)
+    probs = scores.float() if normalized else _probabilities(scores.float())
+    if counts is None:
+        counts = expert_counts(indices, n_exp)
+    # f_i = counts_i / (N k) and P_i = sum_t probs[t, i] / N, in one dot product
+    weight = counts.to(probs.dtype) * (n_exp / (indices.numel() * n_tokens))  # no gradient
+    return torch.dot(weight, probs.sum(dim=0))
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
@@ -51,7 +62,7 @@ def router_z_loss(logits: Tensor) -> Tensor:
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
     z = torch.logsumexp(logits.float(), dim=-1)
-    return torch.mean(z * z)
+    return torch.dot(z, z) / z.shape[0]
 
 
 def router_entropy(scores: Tensor) -> Tensor:

@@ -94,7 +94,9 @@ class TopKRouter(nn.Module):
             _, indices = torch.topk(scores + selection_bias.to(scores.dtype), self.top_k, dim=-1)
             weights = scores.gather(1, indices)
         if self.renormalize and self.top_k > 1:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            total = weights.sum(dim=-1, keepdim=True)
+            # a softmax top-k sums to at least k/E > 0; sigmoid scores may underflow to 0
+            weights = weights / (total if self.score_func == "softmax" else total.clamp_min(1e-20))
         return RouterOutput(indices=indices, weights=weights, logits=logits, scores=scores)
 
 
