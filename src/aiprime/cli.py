@@ -200,14 +200,21 @@ def search(
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="Results.")] = 5,
     mode: Annotated[str, typer.Option("--mode", help="bm25, dense or hybrid.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    rerank: Annotated[
+        bool,
+        typer.Option("--rerank/--no-rerank", help="Apply the trained re-rankers, if any."),
+    ] = True,
 ) -> None:
-    """Search the knowledge base (hybrid BM25 + dense by default)."""
+    """Search the knowledge base (hybrid BM25 + dense by default, then any re-rankers)."""
     if mode and mode not in ("bm25", "dense", "hybrid"):
         _fail(f"--mode {mode!r}: choose bm25, dense or hybrid")
     if not query.strip():
         _fail("query is empty")
     kb = _kb()
-    hits = kb.search(query, k=k, mode=mode or None)
+    try:
+        hits = kb.search(query, k=k, mode=mode or None, rerank=rerank)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
     if as_json:
         sys.stdout.write(json.dumps([h.to_dict() for h in hits], indent=2) + "\n")
         return
@@ -350,6 +357,13 @@ def rerank_train(
         str,
         typer.Option("--ce-base", help="Starting weights: a local dir or HF-cache id."),
     ] = "all-MiniLM-L6-v2",
+    ce_lr: Annotated[float, typer.Option("--ce-lr", min=0.0, help="Learning rate.")] = 3e-5,
+    ce_negatives: Annotated[
+        int, typer.Option("--ce-negatives", min=1, help="Hard negatives per positive.")
+    ] = 7,
+    ce_batch_groups: Annotated[
+        int, typer.Option("--ce-batch-groups", min=1, help="Queries per optimiser step.")
+    ] = 4,
 ) -> None:
     """Train the LR feature re-ranker and fine-tune the cross-encoder on SPLIT's judgements."""
     from aiprime.embed import resolve_model_path
@@ -394,6 +408,9 @@ def rerank_train(
                     lr_out,
                     on_step,
                     groups_file=lr_out.parent / f"ce-groups-{split}.jsonl.gz",
+                    lr=ce_lr,
+                    negatives=ce_negatives,
+                    groups_per_batch=ce_batch_groups,
                 )
                 ce = report["cross_encoder"]
                 console.print(

@@ -29,7 +29,7 @@ _SUFFIXES = (
     ("ational", "ate"), ("ization", "ize"), ("fulness", "ful"), ("iveness", "ive"),
     ("ousness", "ous"), ("ations", "ate"), ("ation", "ate"), ("ments", ""), ("ment", ""),
     ("ities", ""), ("ity", ""), ("ness", ""), ("ings", ""), ("ing", ""), ("ies", "y"),
-    ("sses", "ss"), ("edly", ""), ("ed", ""), ("ly", ""), ("es", ""), ("s", ""),
+    ("sses", "ss"), ("edly", ""), ("ed", ""), ("ly", ""), ("s", ""),
 )  # fmt: skip
 
 
@@ -41,9 +41,12 @@ def stem(word: str) -> str:
     for suf, rep in _SUFFIXES:
         if word.endswith(suf) and len(word) - len(suf) + len(rep) >= 3:
             if suf == "s" and word.endswith(("ss", "us", "is")):
-                return word
-            return word[: len(word) - len(suf)] + rep
-    return word
+                break
+            word = word[: len(word) - len(suf)] + rep
+            break
+    # A final 'e' goes too (Porter's step 5), so 'gene'/'genes', 'regulate'/'regulated'
+    # and 'box'/'boxes' meet.
+    return word[:-1] if word.endswith("e") and len(word) > 3 else word
 
 
 def terms(text: str) -> list[str]:

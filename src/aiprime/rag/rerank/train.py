@@ -91,6 +91,9 @@ def train_ce_stage(
     lr_model: Path | None,
     on_step: Callable[[int, int, float], None] | None = None,
     groups_file: Path | None = None,
+    lr: float = 3e-5,
+    negatives: int = 7,
+    groups_per_batch: int = 4,
 ) -> dict[str, Any]:
     """Fine-tune on the 80% of queries, then tune the blend weight on the other 20%.
 
@@ -123,6 +126,9 @@ def train_ce_stage(
             base,
             out_dir,
             epochs=epochs,
+            negatives=negatives,
+            groups_per_batch=groups_per_batch,
+            lr=lr,
             max_length=settings.rerank.ce_max_length,
             on_step=on_step,
         )
@@ -136,8 +142,8 @@ def train_ce_stage(
     if lr_model is not None and lr_model.is_file():
         from aiprime.rag.rerank.lr import LRReranker
 
-        lr = LRReranker.from_path(lr_model, settings.rerank.depth)
-        tune = {q: lr.rerank(queries[q], hs) for q, hs in tune.items()}
+        lr_stage = LRReranker.from_path(lr_model, settings.rerank.depth)
+        tune = {q: lr_stage.rerank(queries[q], hs) for q, hs in tune.items()}
     model = CrossEncoderModel(out_dir, settings.rerank.ce_max_length, settings.rerank.ce_batch_size)
     top_k = settings.rerank.ce_top_k
     logits = {q: model.score(queries[q], [h.content for h in hs[:top_k]]) for q, hs in tune.items()}
