@@ -55,6 +55,15 @@ def resolve_model_path(name: str) -> Path:
         ) from e
 
 
+def model_name(name: str) -> str:
+    """A stable, readable model id: the bundled MiniLM by its name, a directory by its
+    folder name, an HF id as given. Stored with collections and cache keys."""
+    if name.lower() in _BUNDLED_NAMES:
+        return "all-MiniLM-L6-v2"
+    p = Path(name).expanduser()
+    return p.resolve().name if p.is_dir() else name
+
+
 def load_embedder(settings: Settings, cached: bool = True) -> Embedder:
     """Build the configured embedder, wrapped in the content-hash cache by default."""
     from aiprime.embed.cache import CachedEmbedder, EmbeddingCache
@@ -66,7 +75,11 @@ def load_embedder(settings: Settings, cached: bool = True) -> Embedder:
         from aiprime.embed.st import SentenceTransformerEmbedder
 
         emb = SentenceTransformerEmbedder(
-            path, max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size, threads=cfg.threads
+            path,
+            max_seq_length=cfg.max_seq_length,
+            batch_size=cfg.batch_size,
+            threads=cfg.threads,
+            name=model_name(cfg.model),
         )
     else:
         from aiprime.embed.onnx import OnnxEmbedder
@@ -78,6 +91,7 @@ def load_embedder(settings: Settings, cached: bool = True) -> Embedder:
             max_seq_length=cfg.max_seq_length,
             batch_size=cfg.batch_size,
             threads=cfg.threads,
+            name=model_name(cfg.model),
         )
     if not cached:
         return emb

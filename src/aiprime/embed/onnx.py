@@ -193,6 +193,7 @@ class OnnxEmbedder:
         max_seq_length: int = 256,
         batch_size: int = 64,
         threads: int = 0,
+        name: str | None = None,
     ) -> OnnxEmbedder:
         """Load the cached export for this model, exporting it on first use."""
         export_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +201,7 @@ class OnnxEmbedder:
         path = export_dir / f"{key}.onnx"
         if not path.exists():
             export_onnx(model_dir, path, quantize)
-        model_id = f"{model_dir.name}|onnx{'-int8' if quantize else ''}"
+        model_id = f"{name or model_dir.name}|onnx{'-int8' if quantize else ''}"
         return cls(path, model_dir, model_id, max_seq_length, batch_size, threads)
 
     def _run(self, texts: list[str]) -> np.ndarray:

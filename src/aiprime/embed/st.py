@@ -13,7 +13,12 @@ class SentenceTransformerEmbedder:
     """Any sentence-transformers model from a local directory."""
 
     def __init__(
-        self, path: str | Path, max_seq_length: int = 256, batch_size: int = 64, threads: int = 0
+        self,
+        path: str | Path,
+        max_seq_length: int = 256,
+        batch_size: int = 64,
+        threads: int = 0,
+        name: str | None = None,
     ) -> None:
         from sentence_transformers import SentenceTransformer
 
@@ -22,7 +27,7 @@ class SentenceTransformerEmbedder:
         self.model = SentenceTransformer(str(path), device="cpu")
         self.model.max_seq_length = min(max_seq_length, self.model.max_seq_length or max_seq_length)
         self.batch_size = batch_size
-        self.model_id = f"{Path(path).name}"
+        self.model_id = name or Path(path).name
         dim = self.model.get_embedding_dimension()
         if dim is None:
             raise ValueError(f"{path}: model does not declare its embedding dimension")
