@@ -62,9 +62,9 @@ class StoreSettings(BaseModel):
     # How stale a long-lived reader (the service) may be, in seconds, before it sees a
     # writer's commits; 0 checks on every query.
     read_consistency_s: float = Field(1.0, ge=0.0)
-    # Below this many chunks an exact scan is fast and exact; above it an IVF-HNSW-SQ
-    # index is built.
-    ann_min_rows: int = Field(100_000, ge=1)
+    # From this many chunks an IVF-HNSW-SQ index serves dense search. On SciFact (11k
+    # chunks) it halves dense latency (13.1 -> 5.9 ms) at unchanged nDCG@10 (docs/results.md).
+    ann_min_rows: int = Field(10_000, ge=1)
 
 
 RerankStage = Literal["lr", "cross-encoder", "mmr"]

@@ -66,6 +66,9 @@ class CachedEmbedder:
         self.inner = inner
         self.cache = cache
         self.model_id = inner.model_id
+        # Keys name the exact weights/graph when the backend can (an ONNX export's
+        # fingerprint), so a re-export never serves embeddings of the previous one.
+        self.cache_id: str = getattr(inner, "cache_id", inner.model_id)
         self.dim = inner.dim
         self.hits = 0
         self.misses = 0
@@ -73,7 +76,7 @@ class CachedEmbedder:
     def encode(
         self, texts: Sequence[str], batch_size: int | None = None, show_progress: bool = False
     ) -> np.ndarray:
-        keys = [EmbeddingCache.key(self.model_id, t) for t in texts]
+        keys = [EmbeddingCache.key(self.cache_id, t) for t in texts]
         found = self.cache.get_many(list(dict.fromkeys(keys)), self.dim)
         # One index per distinct unseen text: duplicates within a call are encoded once.
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
@@ -88,6 +91,10 @@ class CachedEmbedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+
+    def encode_query(self, texts: Sequence[str]) -> np.ndarray:
+        """Queries skip the cache: they rarely repeat, and a write per search costs latency."""
+        return self.inner.encode(texts)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self.inner.count_tokens(texts)

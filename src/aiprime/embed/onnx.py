@@ -179,6 +179,7 @@ class OnnxEmbedder:
         self.max_seq_length = min(max_seq_length, self.tokenizer.model_max_length or max_seq_length)
         self.batch_size = batch_size
         self.model_id = model_id
+        self.cache_id = f"{model_id}|{Path(onnx_path).stem}"
         self.dim = int(self.session.get_outputs()[0].shape[-1] or self._probe_dim())
 
     def _probe_dim(self) -> int:

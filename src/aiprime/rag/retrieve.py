@@ -38,9 +38,13 @@ class Retriever:
             return self.search_batch([query], k, mode, where)[0]
         depth = max(k, self.settings.candidates)
         lexical = _POOL.submit(self.store.text_search, query, depth, where)
-        vector = self.embedder.encode([query])
+        vector = self._encode_query([query])
         dense = self.store.dense_search(vector[0], depth, where)
         return self._fuse(dense, lexical.result())[:k]
+
+    def _encode_query(self, texts: list[str]) -> np.ndarray:
+        encode = getattr(self.embedder, "encode_query", self.embedder.encode)
+        return np.asarray(encode(texts))
 
     def _fuse(self, dense: list[Hit], lexical: list[Hit]) -> list[Hit]:
         s = self.settings
@@ -62,7 +66,7 @@ class Retriever:
         s = self.settings
         depth = max(k, s.candidates) if mode == "hybrid" else k
         if mode != "bm25" and vectors is None:
-            vectors = self.embedder.encode(list(queries))
+            vectors = self._encode_query(list(queries))
         out: list[list[Hit]] = []
         for i, q in enumerate(queries):
             dense = self.store.dense_search(vectors[i], depth, where) if vectors is not None else []

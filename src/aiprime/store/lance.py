@@ -70,7 +70,7 @@ class LanceStore:
         dim: int | None = None,
         model_id: str | None = None,
         read_consistency_s: float = 1.0,
-        ann_min_rows: int = 100_000,
+        ann_min_rows: int = 10_000,
     ) -> None:
         import lancedb
 
