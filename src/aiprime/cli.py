@@ -69,7 +69,14 @@ def settings() -> Settings:
 
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
-    for name in ("transformers", "sentence_transformers", "onnxruntime", "lancedb", "torch"):
+    for name in (
+        "transformers",
+        "sentence_transformers",
+        "onnxruntime",
+        "lancedb",
+        "torch",
+        "pypdf",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
