@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from aiprime.store import Hit
 
@@ -12,7 +13,9 @@ def _merge(named: Mapping[str, Sequence[Hit]]) -> dict[str, Hit]:
     merged: dict[str, Hit] = {}
     for name, hits in named.items():
         for rank, h in enumerate(hits, start=1):
-            m = merged.setdefault(h.id, Hit(**{**h.__dict__, "scores": dict(h.scores)}))
+            m = merged.get(h.id)
+            if m is None:  # copy once per chunk: callers keep their own hits unchanged
+                m = merged[h.id] = replace(h, scores=dict(h.scores))
             m.scores[name] = h.score
             m.scores[f"{name}_rank"] = float(rank)
     return merged
