@@ -86,6 +86,33 @@ class RerankSettings(BaseModel):
     mmr_top_k: int = Field(10, ge=1, description="Results MMR selects; the rest follow.")
 
 
+class AnswerSettings(BaseModel):
+    """Grounded answers (``aiprime ask``): owned by ``aiprime.rag.answer``."""
+
+    top_chunks: int = Field(5, ge=1, description="Re-ranked chunks the answer may cite.")
+    max_sentences: int = Field(4, ge=1, description="Sentences in an extractive answer.")
+    llm: str | None = Field(None, description="e.g. 'openai:gpt-4o-mini'; None = extractive.")
+
+
+class ServeSettings(BaseModel):
+    """The HTTP service (``aiprime serve``): owned by ``aiprime.server``."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class MultimodalSettings(BaseModel):
+    """Dual-encoder training and cross-modal search: owned by ``aiprime.multimodal``."""
+
+    collection: str = Field("images", description="Store collection that holds images.")
+
+
+class RoutingSettings(BaseModel):
+    """Query routing among expert pipelines: owned by ``aiprime.routing``."""
+
+    top_k: int = Field(1, ge=1, description="Experts a query is sent to.")
+
+
 class Settings(BaseSettings):
     """Everything configurable, validated once."""
 
@@ -100,6 +127,10 @@ class Settings(BaseSettings):
     retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     rerank: RerankSettings = Field(default_factory=RerankSettings)
+    answer: AnswerSettings = Field(default_factory=AnswerSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    mm: MultimodalSettings = Field(default_factory=MultimodalSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
     @classmethod
     def settings_customise_sources(
