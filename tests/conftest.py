@@ -21,6 +21,7 @@ os.environ.setdefault("LANCE_LOG", "error")
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -101,6 +102,22 @@ def make_kb(home: Path):
         return KnowledgeBase(s, embedder=embedder or FakeEmbedder())
 
     return _make
+
+
+@pytest.fixture
+def cli_run(home: Path, monkeypatch: pytest.MonkeyPatch, fake_cls):
+    import aiprime.embed
+    import aiprime.embed.base
+    import aiprime.rag.kb
+    from aiprime import cli
+
+    def fake_loader(settings, cached: bool = True):
+        return fake_cls()
+
+    for mod in (aiprime.embed.base, aiprime.embed, aiprime.rag.kb):
+        monkeypatch.setattr(mod, "load_embedder", fake_loader)
+    runner = CliRunner()
+    return lambda *a: runner.invoke(cli.app, [str(x) for x in a], catch_exceptions=False)
 
 
 # -- the real model, once per session ----------------------------------------------------

@@ -46,6 +46,15 @@ app.add_typer(rerank_app, name="rerank")
 from aiprime.cli_moe import moe_app  # noqa: E402  (MoE LM commands, see docs/moe_lm.md)
 
 app.add_typer(moe_app, name="moe")
+from aiprime.cli_mm import mm_app  # noqa: E402  (multimodal commands, see docs/multimodal.md)
+
+app.add_typer(mm_app, name="mm")
+from aiprime.cli_route import route_app  # noqa: E402  (query routing, see docs/routing.md)
+
+app.add_typer(route_app, name="route")
+from aiprime.cli_serve import serve_app  # noqa: E402  (HTTP service, see docs/service.md)
+
+app.add_typer(serve_app, name="serve")
 
 # soft_wrap: one message stays one line (paths are not broken) when output is piped.
 console = Console(soft_wrap=True)
@@ -248,6 +257,63 @@ def search(
 
 
 @app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="A question about the knowledge base.")],
+    llm: Annotated[
+        str | None,
+        typer.Option(
+            "--llm",
+            help="LangChain chat model, e.g. openai:gpt-4o-mini or ollama:llama3 "
+            "(default: settings answer.llm, else the offline extractive answer).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    rerank: Annotated[
+        bool,
+        typer.Option("--rerank/--no-rerank", help="Apply the trained re-rankers, if any."),
+    ] = True,
+) -> None:
+    """Answer from the knowledge base with numbered citations, or say it holds no answer."""
+    if not question.strip():
+        _fail("question is empty")
+    kb = _kb()
+    from aiprime.rag.answer import Answer
+
+    answer: Answer | None = None
+    streamed = False
+    try:
+        for item in kb.ask_stream(question, llm=llm, rerank=rerank):
+            if isinstance(item, Answer):
+                answer = item
+            elif not as_json and item:
+                console.print(escape(item), end="")
+                streamed = True
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    assert answer is not None
+    if as_json:
+        sys.stdout.write(json.dumps(answer.to_dict(), indent=2) + "\n")
+        return
+    if streamed:
+        console.print()
+    for w in answer.warnings:
+        err.print(f"[yellow]note:[/yellow] {escape(w)}")
+    if answer.confidence is not None and answer.threshold is not None:
+        console.print(
+            f"[dim]{answer.model} · {answer.signal} {answer.confidence:.3f} "
+            f"(threshold {answer.threshold:.3f})[/dim]"
+        )
+    used = answer.used_citations()
+    if used:
+        console.print("[bold]Sources[/bold]")
+    for c in used:
+        console.print(
+            f"  [bold cyan][{c.n}][/bold cyan] [bold]{escape(c.title or c.doc_id)}[/bold] "
+            f"[green]{escape(c.location())}[/green]"
+        )
+
+
+@app.command()
 def sources(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List ingested sources with their chunk counts."""
     items = sorted(_kb().sources().values(), key=lambda s: s.source)
@@ -429,6 +495,78 @@ def rerank_train(
     rep = lr_out.parent / "train-report.json"
     rep.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {escape(str(rep))}")
+
+
+@rerank_app.command("calibrate")
+def rerank_calibrate(
+    dataset: Annotated[
+        Path, typer.Argument(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/.")
+    ],
+    split: Annotated[str, typer.Option("--split", help="qrels split to calibrate on.")] = "train",
+    stack: Annotated[
+        str,
+        typer.Option(
+            "--stack", help="Stages whose score is gated: none (dense cosine), lr, "
+            "lr+cross-encoder, ... (default: what `ask` uses now)."
+        ),
+    ] = "",
+    max_queries: Annotated[
+        int | None,
+        typer.Option("--max-queries", min=1, help="Sample queries (bounds cross-encoder time)."),
+    ] = None,
+    report_split: Annotated[
+        str | None,
+        typer.Option("--report-split", help="Also measure the chosen threshold on this split."),
+    ] = None,
+    keep: Annotated[
+        float,
+        typer.Option(
+            "--keep",
+            min=0.0,
+            max=1.0,
+            help="Share of answerable questions still answered; 0 maximises balanced accuracy.",
+        ),
+    ] = 0.95,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Calibration file (default: models/answer/calibration.json)."),
+    ] = None,
+) -> None:
+    """Calibrate the no-answer threshold of `aiprime ask` on SPLIT's judgements."""
+    from aiprime.rag.answer import CALIBRATION_FILE, Calibration
+    from aiprime.rag.beir import BeirError
+    from aiprime.rag.rerank.stack import default_stages, parse_stack
+    from aiprime.rag.rerank.train import calibrate_answers
+
+    if split == "test":
+        err.print("[yellow]warning:[/yellow] calibrating on 'test'; do not report on it")
+    s = settings()
+    s.ensure_dirs()
+    try:
+        stages = parse_stack(stack) if stack else default_stages(s)
+        with progress_bar() as bar:
+            prog = RichIngestProgress(bar)
+            result = calibrate_answers(
+                s, dataset, split, stages, max_queries, report_split, prog, keep=keep or None
+            )
+    except (BeirError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    path = out or s.models_dir / "answer" / CALIBRATION_FILE
+    cal = Calibration.load(path) if path.is_file() else Calibration()
+    cal.thresholds[result["signal"]] = result
+    cal.save(path)
+    console.print(
+        f"{escape(result['signal'])}: threshold {result['threshold']:.4f}, balanced accuracy "
+        f"{result['balanced_accuracy']:.3f} on {split} "
+        f"({result['n_answerable']} answerable / {result['n_unanswerable']} unanswerable)"
+    )
+    if "report" in result:
+        r = result["report"]
+        console.print(
+            f"on {r['split']}: balanced accuracy {r['balanced_accuracy']:.3f} (answerable kept "
+            f"{r['answerable_kept']:.3f}, unanswerable refused {r['unanswerable_refused']:.3f})"
+        )
+    console.print(f"wrote {escape(str(path))}")
 
 
 def main() -> None:

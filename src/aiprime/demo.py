@@ -28,6 +28,15 @@ QUESTIONS = [
 ]
 
 
+# Answered from the docs with citations; the last one is not in them and must be refused.
+ASK = [
+    "How does ingestion survive a crash in the middle of a batch?",
+    "Which embedding model runs offline, and how is it made faster on a CPU?",
+    "How is the load-balancing loss of the MoE router computed?",
+    "What is the boiling point of tungsten?",
+]
+
+
 def run(*args: str) -> None:
     from aiprime.cli import app
 
@@ -60,6 +69,9 @@ def main() -> None:
     for q in QUESTIONS:
         run("search", q, "-k", "3")
     run("search", "bm25 stemming", "-k", "2", "--mode", "bm25")
+    console.print(Rule("cited answers (offline, extractive)"))
+    for q in ASK:
+        run("ask", q)
     scifact = ROOT.parent / "shared" / "data" / "scifact"
     console.print(Rule("next steps"))
     if scifact.is_dir():

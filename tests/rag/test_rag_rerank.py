@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from aiprime.config import load_settings
 from aiprime.rag.rerank.base import apply_scores
@@ -302,22 +301,6 @@ def test_trained_stages_are_used_by_default(
 
 
 # -- CLI ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cli_run(home: Path, monkeypatch: pytest.MonkeyPatch, fake_cls):
-    import aiprime.embed
-    import aiprime.embed.base
-    import aiprime.rag.kb
-    from aiprime import cli
-
-    def fake_loader(settings, cached: bool = True):
-        return fake_cls()
-
-    for mod in (aiprime.embed.base, aiprime.embed, aiprime.rag.kb):
-        monkeypatch.setattr(mod, "load_embedder", fake_loader)
-    runner = CliRunner()
-    return lambda *a: runner.invoke(cli.app, [str(x) for x in a], catch_exceptions=False)
 
 
 def test_cli_rerank_train_then_eval(cli_run, home: Path, tmp_path: Path, make_beir) -> None:

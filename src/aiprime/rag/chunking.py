@@ -54,6 +54,11 @@ def _sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
     return [(s, e) for s, e in out if e > s]
 
 
+def split_sentences(text: str, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """Sentence spans of ``text[start:end]`` (the chunker's own rule, for answer quotes)."""
+    return _sentences(text, start, len(text) if end is None else end)
+
+
 def _words(text: str, start: int, end: int) -> list[tuple[int, int]]:
     return [(m.start(), m.end()) for m in re.finditer(r"\S+", text[:end]) if m.start() >= start]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,6 +16,9 @@ from aiprime.store import Hit, SourceInfo, Store
 from aiprime.store.lance import LanceStore
 
 if TYPE_CHECKING:
+    from langchain_core.language_models import BaseChatModel
+
+    from aiprime.rag.answer import Answer, Calibration
     from aiprime.rag.rerank.stack import RerankStack
 
 
@@ -108,6 +111,54 @@ class KnowledgeBase:
             return self.retriever.search(query, k, mode, where)
         hits = self.retriever.search(query, max(k, stack.depth), mode, where)
         return stack.rerank(query, hits, k)
+
+    @cached_property
+    def calibration(self) -> Calibration:
+        from aiprime.rag.answer import load_calibration
+
+        return load_calibration(self.settings.models_dir)
+
+    def ask_stream(
+        self,
+        question: str,
+        *,
+        llm: str | BaseChatModel | None = None,
+        rerank: bool = True,
+        where: str | None = None,
+    ) -> Iterator[str | Answer]:
+        """Retrieve, re-rank and answer with citations; yields text pieces as they are
+        produced, then the final ``Answer`` (``answered=False`` when the best score is below
+        the calibrated threshold). ``llm`` defaults to ``settings.answer.llm``; None or an
+        unset setting gives the offline extractive answer."""
+        from aiprime.rag.answer import answer_signal, ask_stream
+
+        a = self.settings.answer
+        stack = self.reranker if rerank else None
+        hits = self.search(question, k=max(a.top_chunks, 10), where=where, rerank=rerank)
+        signal = answer_signal(hits, stack.names if stack else [], self.embedder.model_id)
+        yield from ask_stream(
+            question,
+            hits,
+            signal=signal,
+            threshold=self.calibration.threshold(signal),
+            embedder=self.embedder,
+            llm=llm if llm is not None else a.llm,
+            top_chunks=a.top_chunks,
+            max_sentences=a.max_sentences,
+        )
+
+    def ask(
+        self,
+        question: str,
+        *,
+        llm: str | BaseChatModel | None = None,
+        rerank: bool = True,
+        where: str | None = None,
+    ) -> Answer:
+        """``ask_stream`` drained: the final ``Answer`` only."""
+        from aiprime.rag.answer import collect
+
+        return collect(self.ask_stream(question, llm=llm, rerank=rerank, where=where))
 
     def sources(self) -> dict[str, SourceInfo]:
         return self.store.sources()

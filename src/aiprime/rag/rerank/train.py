@@ -177,3 +177,69 @@ def _rescore(ce: Any, head: list[Hit], rest: list[Hit]) -> list[Hit]:
     p = np.array([h.score for h in head])
     final = c if ce.blend >= 1.0 else ce.blend * _z(c) + (1 - ce.blend) * _z(p)
     return _above(apply_scores(head, final.tolist(), "cross-encoder", None), rest)
+
+
+def calibrate_answers(
+    settings: Settings,
+    dataset: Path,
+    split: str,
+    stages: list[str],
+    max_queries: int | None = None,
+    report_split: str | None = None,
+    progress: Any = None,
+    embedder: Embedder | None = None,
+    keep: float | None = 0.95,
+) -> dict[str, Any]:
+    """Choose the no-answer threshold of ``stages``' final score on ``split``.
+
+    Candidates come from the hybrid retriever as at search time and go through the same
+    stack that ``ask`` uses; ``report_split`` (never used for the choice) measures how well
+    the threshold carries over. ``max_queries`` samples queries (seeded) to bound the
+    cross-encoder's cost. ``keep``: see ``choose_threshold``.
+    """
+    import random
+
+    from aiprime.rag.answer import answer_signal, choose_threshold, gate_accuracy, gate_examples
+    from aiprime.rag.beir import BeirError
+    from aiprime.rag.rerank.stack import build_stack
+
+    if report_split is not None and report_split == split:
+        raise BeirError(f"refusing to report on the calibration split ({split!r})")
+    stack = build_stack(settings, stages, embedder) if stages else None
+
+    def examples(sp: str) -> tuple[list[float], list[float], str]:
+        queries, qrels, cands = candidates_for(settings, dataset, sp, progress, embedder)
+        qids = sorted(cands)
+        if max_queries is not None and len(qids) > max_queries:
+            qids = sorted(random.Random(0).sample(qids, max_queries))
+        if progress is not None and stack is not None:
+            progress.task(f"re-ranking {sp} ({'+'.join(stack.names)})", len(qids))
+        ranked: dict[str, list[Hit]] = {}
+        for q in qids:
+            ranked[q] = stack.rerank(queries[q], cands[q]) if stack else cands[q]
+            if progress is not None and stack is not None:
+                progress.advance(1)
+        model_id = (embedder.model_id if embedder else None) or _model_id(settings)
+        signal = answer_signal([], stack.names if stack else [], model_id)
+        pos, neg = gate_examples(ranked, qrels, signal)
+        return pos, neg, signal
+
+    pos, neg, signal = examples(split)
+    chosen = choose_threshold(pos, neg, keep)
+    out: dict[str, Any] = {
+        "signal": signal,
+        "dataset": str(dataset.resolve()),
+        "split": split,
+        "queries": max_queries,
+        **chosen,
+    }
+    if report_split is not None:
+        rpos, rneg, _ = examples(report_split)
+        out["report"] = {"split": report_split, **gate_accuracy(rpos, rneg, chosen["threshold"])}
+    return out
+
+
+def _model_id(settings: Settings) -> str:
+    from aiprime.embed.base import model_name
+
+    return model_name(settings.embed.model)
