@@ -82,6 +82,9 @@ class RerankSettings(BaseModel):
     ce_top_k: int = Field(20, ge=1, description="Candidates the cross-encoder rescores.")
     ce_max_length: int = Field(256, ge=16)
     ce_batch_size: int = Field(32, ge=1)
+    # ONNX Runtime int8 on CPU: same ranking quality, several times faster than torch
+    # fp32 (docs/results.md); "torch" uses a GPU when there is one.
+    ce_backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
     mmr_lambda: float = Field(0.7, ge=0.0, le=1.0, description="1 = relevance only.")
     mmr_top_k: int = Field(10, ge=1, description="Results MMR selects; the rest follow.")
 
@@ -99,18 +102,80 @@ class ServeSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    api_keys_file: Path | None = Field(
+        None, description="Hashed API keys (JSON); default: home/serve/api_keys.json."
+    )
+    # Without keys the service refuses to start unless this is set *and* it listens on
+    # loopback only: an open port must never serve unauthenticated writes.
+    allow_no_auth: bool = False
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Whole request body.")
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1, description="One uploaded file.")
+    max_files: int = Field(64, ge=1, description="Files in one ingest request.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Larger images are refused (decompression bombs)."
+    )
+    max_query_chars: int = Field(2000, ge=1)
+    max_k: int = Field(100, ge=1)
+    ingest_group_files: int = Field(
+        16, ge=1, description="Files committed per step of a job (its progress granularity)."
+    )
+    # Cross-origin requests are refused unless an origin is listed here.
+    cors_origins: list[str] = Field(default_factory=list)
+    public_metrics: bool = Field(False, description="Serve /metrics without an API key.")
+    resume_jobs: bool = Field(True, description="Resume interrupted ingest jobs at start-up.")
 
 
 class MultimodalSettings(BaseModel):
     """Dual-encoder training and cross-modal search: owned by ``aiprime.multimodal``."""
 
     collection: str = Field("images", description="Store collection that holds images.")
+    model: Path | None = Field(
+        None, description="Trained dual encoder used by index/search; default models_dir/mm."
+    )
+    batch_size: int = Field(64, ge=1, description="Images embedded per batch when indexing.")
+    # PIL's own default (89M) still decodes ~270 MB bombs; 40M pixels is a 6,300^2 photo.
+    max_image_pixels: int = Field(40_000_000, ge=1024, description="Larger images are refused.")
+    index_captions: bool = Field(True, description="Also index captions as text rows.")
+
+
+class ExpertSettings(BaseModel):
+    """One routing expert: a named pipeline over one collection (``aiprime.routing``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+    collection: str = Field(description="Store collection the expert searches.")
+    description: str = ""
+    home: Path | None = Field(
+        None, description="Another data directory holding the collection (read-only use)."
+    )
+    mode: Literal["bm25", "dense", "hybrid"] | None = Field(
+        None, description="Retriever; None = [retrieve].mode."
+    )
+    rerank: list[RerankStage] | None = Field(
+        None, description="Re-ranking stages; None = the collection's default, [] = none."
+    )
+    dense_weight: float | None = Field(None, ge=0.0, le=1.0)
+    answer_model: str | None = Field(None, description="e.g. 'openai:gpt-4o-mini'.")
+    cost: float = Field(1.0, gt=0.0, description="Relative cost, for reports.")
 
 
 class RoutingSettings(BaseModel):
     """Query routing among expert pipelines: owned by ``aiprime.routing``."""
 
+    experts: list[ExpertSettings] = Field(default_factory=list)
     top_k: int = Field(1, ge=1, description="Experts a query is sent to.")
+    # Below this top probability the router is unsure and every expert is searched.
+    fallback_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # Per-expert capacity in a batch, ceil(cf * N * top_k / E); None = unlimited.
+    capacity_factor: float | None = Field(None, gt=0.0)
+    fusion_rrf_k: int = Field(60, ge=1, description="RRF constant when experts are fused.")
+    lr: float = Field(0.05, gt=0.0, description="Adam learning rate of offline training.")
+    epochs: int = Field(300, ge=1)
+    weight_decay: float = Field(1e-3, ge=0.0)
+    aux_loss_weight: float = Field(0.01, ge=0.0, description="Switch balance loss weight.")
+    z_loss_weight: float = Field(1e-3, ge=0.0)
+    online_lr: float = Field(0.1, gt=0.0, description="SGD step of one feedback update.")
+    bias_update_rate: float = Field(0.0, ge=0.0, description="Aux-free bias step; 0 = off.")
+    router_dir: Path | None = Field(None, description="Default: models_dir/router.")
 
 
 class Settings(BaseSettings):

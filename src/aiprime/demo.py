@@ -82,6 +82,11 @@ def main() -> None:
     else:
         console.print("Evaluate on any BEIR folder: aiprime eval beir DATASET_DIR --split test")
     console.print("Search your own files: aiprime ingest ~/notes && aiprime search 'question'")
+    console.print(
+        f"Serve it over HTTP: AIPRIME_HOME={home} aiprime serve --allow-no-auth\n"
+        "  then open http://127.0.0.1:8000/ in a browser (search, cited answers, uploads; "
+        "API docs at /docs)"
+    )
 
 
 if __name__ == "__main__":

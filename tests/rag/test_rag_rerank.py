@@ -346,3 +346,24 @@ def test_train_ce_stage_fits_then_tunes_the_blend(
     # epochs 0: install an existing checkpoint elsewhere and only tune the blend
     rep0 = train_ce_stage(s, queries, qrels, cands, tmp_path / "ce2", str(out), 0, None, None)
     assert "training" not in rep0 and (tmp_path / "ce2" / "model.safetensors").is_file()
+
+
+def test_cross_encoder_onnx_backends_match_torch(tiny_ce: Path, tmp_path: Path) -> None:
+    from aiprime.rag.rerank.cross_encoder import CrossEncoderModel
+
+    passages = ["insulin is a hormone", "tides follow the moon", "x y z", "a b"]
+    ref = CrossEncoderModel(tiny_ce, max_length=64, batch_size=3, device="cpu").score(
+        "what is insulin", passages
+    )
+    fp32 = CrossEncoderModel(
+        tiny_ce, max_length=64, batch_size=3, backend="onnx", export_dir=tmp_path
+    )
+    assert np.allclose(fp32.score("what is insulin", passages), ref, atol=1e-4)
+    int8 = CrossEncoderModel(
+        tiny_ce, max_length=64, batch_size=3, backend="onnx-int8", export_dir=tmp_path
+    )
+    s8 = int8.score("what is insulin", passages)
+    assert s8.shape == ref.shape and np.isfinite(s8).all()
+    assert len(list(tmp_path.glob("ce-*.onnx"))) == 2  # one cached export per variant
+    with pytest.raises(ValueError, match="backend 'tf'"):
+        CrossEncoderModel(tiny_ce, backend="tf")

@@ -64,25 +64,44 @@ class CrossEncoderModel:
         max_length: int = 256,
         batch_size: int = 32,
         device: str | None = None,
+        backend: str = "torch",
+        export_dir: Path | None = None,
+        threads: int = 0,
     ) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        """``backend``: ``torch`` (any device), or ``onnx`` / ``onnx-int8`` on the CPU via
+        ONNX Runtime; the export is cached in ``export_dir`` (default: beside the model),
+        keyed by the checkpoint's files, so a retrained model is exported again."""
+        from transformers import AutoTokenizer
 
+        if backend not in ("torch", "onnx", "onnx-int8"):
+            raise ValueError(f"cross-encoder backend {backend!r}: choose torch, onnx or onnx-int8")
         self.path = resolve_cross_encoder(name)
         self.max_length = max_length
         self.batch_size = batch_size
-        self.device = _device(device)
+        self.backend = backend
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        meta = self.path / META_FILE
+        self.meta: dict[str, Any] = json.loads(meta.read_text()) if meta.is_file() else {}
+        self.session: Any = None
+        if backend != "torch":
+            self.device = "cpu"
+            self.session = _onnx_session(
+                self.path, export_dir or self.path / "onnx", backend == "onnx-int8", threads
+            )
+            return
         import torch
+        from transformers import AutoModelForSequenceClassification
 
+        self.device = _device(device)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             str(self.path), dtype=torch.float32
         )
         self.model.to(self.device).eval()
-        meta = self.path / META_FILE
-        self.meta: dict[str, Any] = json.loads(meta.read_text()) if meta.is_file() else {}
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         """One relevance logit per passage (for two-class heads: the log-odds)."""
+        if self.session is not None:
+            return self._score_onnx(query, passages)
         import torch
 
         out: list[np.ndarray] = []
@@ -104,6 +123,101 @@ class CrossEncoderModel:
                     s = logits[:, -1] - torch.logsumexp(logits[:, :-1], dim=-1)
                 out.append(s.cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def _score_onnx(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        out: list[np.ndarray] = []
+        names = {i.name for i in self.session.get_inputs()}
+        for i in range(0, len(passages), self.batch_size):
+            part = list(passages[i : i + self.batch_size])
+            enc = self.tokenizer(
+                [query] * len(part),
+                part,
+                truncation="only_second",
+                max_length=self.max_length,
+                padding=True,
+                return_tensors="np",
+            )
+            feeds = {k: np.asarray(enc[k], dtype=np.int64) for k in names if k in enc}
+            if "token_type_ids" in names and "token_type_ids" not in feeds:
+                feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+            out.append(np.asarray(self.session.run(None, feeds)[0], dtype=np.float32))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def export_cross_encoder_onnx(model_dir: Path, out_path: Path, quantize: bool) -> Path:
+    """Export the classifier with its score head (logit, or log-odds for two classes) to
+    ONNX; int8 dynamic quantisation with per-channel weights, as the embedder does."""
+    import logging
+    import tempfile
+    import warnings
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    try:  # eager attention exports as MatMul/Softmax, which int8 kernels handle best
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), attn_implementation="eager", dtype=torch.float32
+        ).eval()
+    except (TypeError, ValueError):
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+
+    sample = tok(["a query", "another"], ["a passage", "a longer second passage"],
+                 padding=True, return_tensors="pt")  # fmt: skip
+    inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in sample]
+
+    class _Scored(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            logits = self.m(**dict(zip(inputs, args, strict=True))).logits.float()
+            if logits.shape[-1] == 1:
+                return logits[:, 0]
+            return logits[:, -1] - torch.logsumexp(logits[:, :-1], dim=-1)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _Scored(model),
+                tuple(sample[k] for k in inputs),
+                str(raw),
+                input_names=inputs,
+                output_names=["score"],
+                dynamic_axes={**{k: {0: "batch", 1: "seq"} for k in inputs}, "score": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
+        final = raw
+        if quantize:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            final = Path(tmp) / "int8.onnx"
+            logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+            quantize_dynamic(str(raw), str(final), weight_type=QuantType.QInt8, per_channel=True)
+        partial = out_path.with_suffix(".partial")
+        shutil.copyfile(final, partial)
+        os.replace(partial, out_path)  # atomic: a crash never leaves half a model
+    return out_path
+
+
+def _onnx_session(model_dir: Path, export_dir: Path, quantize: bool, threads: int) -> Any:
+    import onnxruntime as ort
+
+    from aiprime.embed.onnx import _fingerprint
+
+    path = export_dir / f"ce-{_fingerprint(model_dir, quantize, 0)}.onnx"
+    if not path.is_file():
+        export_cross_encoder_onnx(model_dir, path, quantize)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _z(x: np.ndarray) -> np.ndarray:

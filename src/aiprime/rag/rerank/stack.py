@@ -106,7 +106,11 @@ def build_stack(
             from aiprime.rag.rerank.cross_encoder import CrossEncoderModel, CrossEncoderReranker
 
             model = CrossEncoderModel(
-                cross_encoder_path(settings), r.ce_max_length, r.ce_batch_size
+                cross_encoder_path(settings),
+                r.ce_max_length,
+                r.ce_batch_size,
+                backend=r.ce_backend,
+                export_dir=settings.models_dir / "onnx",
             )
             built.append(CrossEncoderReranker(model, r.ce_top_k))
         elif n == "mmr":
