@@ -82,9 +82,9 @@ class RerankSettings(BaseModel):
     ce_top_k: int = Field(20, ge=1, description="Candidates the cross-encoder rescores.")
     ce_max_length: int = Field(256, ge=16)
     ce_batch_size: int = Field(32, ge=1)
-    # ONNX Runtime int8 on CPU: same ranking quality, several times faster than torch
-    # fp32 (docs/results.md); "torch" uses a GPU when there is one.
-    ce_backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    # "auto": torch on a GPU, else ONNX Runtime fp32 (same scores as torch, 2.1x faster on
+    # CPU); "onnx-int8" is 3.3x faster at -0.004 nDCG@10 on SciFact (docs/results.md).
+    ce_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     mmr_lambda: float = Field(0.7, ge=0.0, le=1.0, description="1 = relevance only.")
     mmr_top_k: int = Field(10, ge=1, description="Results MMR selects; the rest follow.")
 
@@ -171,6 +171,9 @@ class RoutingSettings(BaseModel):
     lr: float = Field(0.05, gt=0.0, description="Adam learning rate of offline training.")
     epochs: int = Field(300, ge=1)
     weight_decay: float = Field(1e-3, ge=0.0)
+    # Weigh labelled queries by inverse domain frequency, so a rare domain is not
+    # swallowed by a common one; "none" fits the raw label mix.
+    class_weight: Literal["balanced", "none"] = "balanced"
     aux_loss_weight: float = Field(0.01, ge=0.0, description="Switch balance loss weight.")
     z_loss_weight: float = Field(1e-3, ge=0.0)
     online_lr: float = Field(0.1, gt=0.0, description="SGD step of one feedback update.")

@@ -72,6 +72,10 @@ def main() -> None:
     console.print(Rule("cited answers (offline, extractive)"))
     for q in ASK:
         run("ask", q)
+    from aiprime.routing.demo import run_demo as routing_demo
+
+    console.print(Rule("query routing · a learned router over two expert collections"))
+    routing_demo(run, console, ROOT.parent / "shared" / "data")
     scifact = ROOT.parent / "shared" / "data" / "scifact"
     console.print(Rule("next steps"))
     if scifact.is_dir():

@@ -68,13 +68,18 @@ class CrossEncoderModel:
         export_dir: Path | None = None,
         threads: int = 0,
     ) -> None:
-        """``backend``: ``torch`` (any device), or ``onnx`` / ``onnx-int8`` on the CPU via
-        ONNX Runtime; the export is cached in ``export_dir`` (default: beside the model),
-        keyed by the checkpoint's files, so a retrained model is exported again."""
+        """``backend``: ``torch`` (any device), ``onnx`` / ``onnx-int8`` on the CPU via
+        ONNX Runtime, or ``auto`` (torch on a GPU, else onnx). The export is cached in
+        ``export_dir`` (default: beside the model), keyed by the checkpoint's files, so a
+        retrained model is exported again."""
         from transformers import AutoTokenizer
 
-        if backend not in ("torch", "onnx", "onnx-int8"):
-            raise ValueError(f"cross-encoder backend {backend!r}: choose torch, onnx or onnx-int8")
+        if backend not in ("auto", "torch", "onnx", "onnx-int8"):
+            raise ValueError(
+                f"cross-encoder backend {backend!r}: choose auto, torch, onnx or onnx-int8"
+            )
+        if backend == "auto":
+            backend = "torch" if _device(device) != "cpu" else "onnx"
         self.path = resolve_cross_encoder(name)
         self.max_length = max_length
         self.batch_size = batch_size

@@ -228,7 +228,7 @@ def calibrate_answers(
     chosen = choose_threshold(pos, neg, keep)
     out: dict[str, Any] = {
         "signal": signal,
-        "dataset": str(dataset.resolve()),
+        "dataset": str(dataset),
         "split": split,
         "queries": max_queries,
         **chosen,
