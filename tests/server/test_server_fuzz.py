@@ -27,15 +27,25 @@ def test_no_input_gives_a_server_error(home: Path, fake_cls: type) -> None:
     from aiprime.config import load_settings
     from aiprime.server import create_app
 
+    experts = [  # the routing endpoints run for real: one expert with documents, one without
+        {"name": "docs", "collection": "default", "rerank": []},
+        {"name": "ghost", "collection": "ghost", "rerank": []},
+    ]
     s = load_settings(
-        home, serve={"allow_no_auth": True, "max_upload_bytes": 64 * 1024}, rerank={"stack": []}
+        home,
+        serve={"allow_no_auth": True, "max_upload_bytes": 64 * 1024},
+        rerank={"stack": []},
+        routing={"experts": experts},
     )
     app = create_app(s, fake_factory(fake_cls), multimodal=None)
     with TestClient(app, raise_server_exceptions=False) as client:  # the lifespan runs
         assert upload(client, DOCS).status_code == 200
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         operations = [r.ok() for r in schema.get_all_operations()]
-        assert len(operations) >= 12
+        assert len(operations) >= 15
+        assert {"/v1/route/experts", "/v1/route/search", "/v1/route/feedback"} <= {
+            op.path for op in operations
+        }
         failures: list[str] = []
         statuses: set[int] = set()
         for op in operations:

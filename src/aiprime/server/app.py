@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import functools
 import json
 import logging
 import math
@@ -21,7 +23,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import (
     Depends,
@@ -56,6 +58,7 @@ from aiprime.config import Settings
 from aiprime.rag.ingest import IngestReport
 from aiprime.rag.kb import KnowledgeBase, list_collections
 from aiprime.rag.loaders import LoadError
+from aiprime.routing.experts import RoutingError
 from aiprime.server.jobs import Job, JobManager
 from aiprime.server.middleware import BodyLimit, Metrics, SecurityHeaders, error_body
 from aiprime.server.multimodal import MultimodalBackend, load_multimodal, unavailable_reason
@@ -73,10 +76,14 @@ from aiprime.store import Hit, StoreError
 from aiprime.store.base import check_collection_name
 from aiprime.store.lance import LanceStore
 
+if TYPE_CHECKING:
+    from aiprime.routing.pipeline import RoutedSearch
+
 log = logging.getLogger("aiprime.server")
 
 STATIC = Path(__file__).parent / "static"
 COLLECTION = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+EXPERT = COLLECTION  # as ExpertSettings.name
 KbFactory = Callable[[Settings, str], KnowledgeBase]
 
 
@@ -158,6 +165,70 @@ class JobOut(BaseModel):
     finished_at: float | None
 
 
+class RouteSearchRequest(_Strict):
+    query: str = Field(..., min_length=1, max_length=10_000, description="Text query.")
+    k: int = Field(10, ge=1, le=1000, description="Results to return (up to serve.max_k).")
+    top_k: int | None = Field(
+        None, ge=1, le=64, description="Experts to send the query to; default routing.top_k."
+    )
+
+
+class RouteFeedbackRequest(_Strict):
+    query: str = Field(..., min_length=1, max_length=10_000)
+    expert: str = Field(..., pattern=EXPERT, description="A declared expert's name.")
+    relevant: bool = Field(True, description="Were the expert's results relevant (accepted)?")
+
+
+class ExpertOut(BaseModel):
+    name: str
+    collection: str
+    description: str
+    mode: str
+    rerank: list[str] | None = Field(None, description="None: the collection's default stack.")
+    cost: float
+    chunks: int = Field(..., description="-1 when the collection cannot be read.")
+
+
+class RouterOut(BaseModel):
+    path: str
+    trained_on: int | None = Field(None, description="Labelled queries of the last training.")
+    feedback: int = Field(0, description="Online feedback updates so far.")
+    embedder: str | None = None
+
+
+class ExpertsResponse(BaseModel):
+    experts: list[ExpertOut]
+    router_loaded: bool = Field(
+        ..., description="False: no router yet, every query goes to every expert."
+    )
+    router: RouterOut | None
+
+
+class RoutedHitOut(HitOut):
+    expert: str = Field(..., description="The expert that found the hit.")
+    expert_score: float = Field(..., description="The hit's score within its expert.")
+
+
+class RouteSearchResponse(BaseModel):
+    query: str
+    experts: list[str] = Field(..., description="The experts the query was sent to.")
+    probs: dict[str, float] = Field(..., description="The router's probability per expert.")
+    fallback: bool = Field(..., description="The router was unsure (or untrained): all experts.")
+    ms: dict[str, float]
+    hits: list[RoutedHitOut]
+
+
+class RouteFeedbackResponse(BaseModel):
+    query: str
+    expert: str
+    relevant: bool
+    loss: float
+    prob_before: float
+    prob_after: float
+    feedback_total: int
+    saved: str = Field(..., description="The router's directory.")
+
+
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
@@ -223,6 +294,9 @@ class Service:
         self.jobs = JobManager(
             self.root / "jobs", self.uploads, self._ingest, self.serve.ingest_group_files
         )
+        self._routed: RoutedSearch | None = None
+        self._routed_lock = threading.Lock()  # building it
+        self._feedback_lock = threading.Lock()  # one router update (and save) at a time
 
     # -- knowledge bases ------------------------------------------------------------
     def exists(self, collection: str) -> bool:
@@ -259,6 +333,41 @@ class Service:
         except Exception as e:  # reported by /readyz, not fatal: the error may be fixable
             log.exception("warm-up failed")
             self.warmup_error = f"{type(e).__name__}: {e}"
+
+    # -- query routing ---------------------------------------------------------------
+    def routed(self) -> RoutedSearch:
+        """The routed search over ``routing.experts``, built once, on first use, with the
+        knowledge bases' embedder; the saved router (``models/router``) when there is one."""
+        if not self.settings.routing.experts:
+            raise HTTPException(
+                409,
+                "no routing experts configured: declare [[routing.experts]] entries "
+                "(routing.experts: name, collection) in config.toml",
+            )
+        with self._routed_lock:
+            if self._routed is None:
+                from aiprime.routing.pipeline import RoutedSearch
+
+                embedder = self.kb(self.settings.collection).embedder
+                rs: RoutedSearch = _kb_call(lambda: RoutedSearch.open(self.settings, embedder))
+                for e in rs.experts:  # resolve the lazy parts here, not racing in requests
+                    _kb_call(functools.partial(_resolve, e.kb))
+                self._routed = rs
+            return self._routed
+
+    def route_feedback(self, query: str, expert: str, relevant: bool) -> dict[str, Any]:
+        """One online router update, saved. Serialised; copy-on-write, so that searches
+        running meanwhile route with the old router, never a half-updated one."""
+        rs = self.routed()
+        if expert not in rs.by_name:
+            raise HTTPException(422, f"expert: unknown expert {expert!r}; experts: {rs.names}")
+        with self._feedback_lock:
+            shadow = copy.copy(rs)  # shares experts and embedder, not the router
+            shadow.router = copy.deepcopy(rs.router)
+            out: dict[str, Any] = _kb_call(lambda: shadow.feedback(query, expert, relevant))
+            rs.router = shadow.router
+        out["saved"] = str(rs.router_dir)
+        return out
 
     # -- ingest (job worker thread) -------------------------------------------------
     def _ingest(self, collection: str, paths: list[Path]) -> IngestReport:
@@ -615,6 +724,100 @@ def create_app(
             hits=[svc.hit_out(h) for h in hits],
         )
 
+    # -- query routing ----------------------------------------------------------------
+    @app.get("/v1/route/experts", tags=["routing"], response_model=ExpertsResponse)
+    def route_experts(_: Auth) -> ExpertsResponse:
+        """The experts declared in ``routing.experts`` (none: an empty list) and whether a
+        router is loaded (without one every query goes to every expert)."""
+        if not settings.routing.experts:
+            return ExpertsResponse(experts=[], router_loaded=False, router=None)
+        rs = svc.routed()
+        out = []
+        for e in rs.experts:
+            try:
+                chunks = e.kb.store.count()
+            except (StoreError, ValueError, OSError):
+                chunks = -1
+            out.append(
+                ExpertOut(
+                    name=e.name,
+                    collection=e.spec.collection,
+                    description=e.spec.description,
+                    mode=e.spec.mode or e.settings.retrieve.mode,
+                    rerank=None if e.spec.rerank is None else list(e.spec.rerank),
+                    cost=e.spec.cost,
+                    chunks=chunks,
+                )
+            )
+        router = rs.router
+        return ExpertsResponse(
+            experts=out,
+            router_loaded=router is not None,
+            router=None
+            if router is None
+            else RouterOut(
+                path=str(rs.router_dir),
+                trained_on=router.meta.get("trained_on"),
+                feedback=int(router.meta.get("feedback", 0)),
+                embedder=router.meta.get("embedder"),
+            ),
+        )
+
+    @app.post(
+        "/v1/route/search",
+        tags=["routing"],
+        response_model=RouteSearchResponse,
+        responses={409: {"description": "No experts configured, or the router does not fit."}},
+    )
+    def route_search(body: RouteSearchRequest, _: Auth) -> RouteSearchResponse:
+        """Route the query to its expert(s) and fuse their hits; with the router's
+        probabilities and whether it fell back to every expert."""
+        _check_query("query", body.query, serve.max_query_chars)
+        if body.k > serve.max_k:
+            raise HTTPException(422, f"k: at most {serve.max_k}")
+        rs = svc.routed()
+        if body.top_k is not None and body.top_k > len(rs.names):
+            raise HTTPException(422, f"top_k: at most {len(rs.names)} (the number of experts)")
+        res = _kb_call(lambda: rs.search(body.query, body.k, top_k=body.top_k))
+        return RouteSearchResponse(
+            query=res.query,
+            experts=res.experts,
+            probs={n: _finite(p) for n, p in res.probs.items()},
+            fallback=res.fallback,
+            ms={n: _finite(v) for n, v in res.ms.items()},
+            hits=[
+                RoutedHitOut(
+                    **svc.hit_out(h.hit).model_dump(exclude={"score"}),
+                    score=_finite(h.score),
+                    expert=h.expert,
+                    expert_score=_finite(h.hit.score),
+                )
+                for h in res.hits
+            ],
+        )
+
+    @app.post(
+        "/v1/route/feedback",
+        tags=["routing"],
+        response_model=RouteFeedbackResponse,
+        responses={409: {"description": "No experts configured, or the router does not fit."}},
+    )
+    def route_feedback(body: RouteFeedbackRequest, _: Auth) -> RouteFeedbackResponse:
+        """A verdict on an expert's results for a query: one online update of the router
+        (created on first feedback), saved to ``models/router``."""
+        _check_query("query", body.query, serve.max_query_chars)
+        out = svc.route_feedback(body.query, body.expert, body.relevant)
+        return RouteFeedbackResponse(
+            query=body.query,
+            expert=out["expert"],
+            relevant=out["relevant"],
+            loss=_finite(out["loss"]),
+            prob_before=_finite(out["prob_before"]),
+            prob_after=_finite(out["prob_after"]),
+            feedback_total=out["feedback_total"],
+            saved=out["saved"],
+        )
+
     # -- ingest -----------------------------------------------------------------------
     @app.post(
         "/v1/ingest",
@@ -755,12 +958,18 @@ def _kb_call(fn: Callable[[], Any]) -> Any:
     """Map the knowledge base's user-facing errors to 4xx; anything else is a real 500."""
     try:
         return fn()
-    except StoreError as e:
+    except (StoreError, RoutingError) as e:  # e.g. a saved router for other experts
         raise HTTPException(409, str(e)) from e
     except ValueError as e:
         raise HTTPException(400, str(e)) from e
     except FileNotFoundError as e:
         raise HTTPException(503, str(e)) from e
+
+
+def _resolve(kb: KnowledgeBase) -> None:
+    kb.store  # noqa: B018
+    kb.retriever  # noqa: B018
+    kb.reranker  # noqa: B018
 
 
 def _search(
