@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 moe_app = typer.Typer(
-    help="MoE language models: train, resume, generate, inspect experts, compare runs.",
+    help="MoE language models: train, resume, generate, inspect experts, compare, report, speed.",
     no_args_is_help=True,
 )
 console = Console(soft_wrap=True)
@@ -45,13 +45,33 @@ def train_cmd(
             "the run can be resumed exactly.",
         ),
     ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps",
+            help="Override train.max_steps: a shorter (or longer) run with the LR schedule "
+            "fitted to it, unlike --max-steps.",
+        ),
+    ] = None,
     threads: Annotated[
         int | None, typer.Option("--threads", help="torch CPU threads (train.threads).")
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="cpu or cuda (train.device; under torchrun: NCCL)."),
+    ] = None,
+    expert_parallel: Annotated[
+        bool,
+        typer.Option(
+            "--expert-parallel",
+            help="Under torchrun: shard the experts over the ranks (train.expert_parallel).",
+        ),
+    ] = False,
 ) -> None:
     """Train a dense or MoE LM; metrics go to RUN_DIR/metrics.jsonl.
 
     Data parallel on CPU: torchrun --nproc-per-node N -m aiprime.cli moe train ...
+    (add --expert-parallel to also shard the experts over the N processes).
     """
     from rich.progress import (
         BarColumn,
@@ -73,8 +93,16 @@ def train_cmd(
         if resume and seed != cfg.train.seed:
             _fail("--seed cannot change the seed of a resumed run")
         cfg.train.seed = seed
+    if steps is not None:
+        if steps < 1:
+            _fail("--steps must be at least 1")
+        cfg.train.max_steps = steps
     if threads is not None:
         cfg.train.threads = threads
+    if expert_parallel:
+        cfg.train.expert_parallel = True
+    if device is not None:
+        cfg.train.device = device
     run_dir = out or Path(cfg.train.out_dir)
     lead = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
 
@@ -245,4 +273,79 @@ def compare_cmd(
     if json_out is not None:
         runs_json = [{k: v for k, v in asdict(s).items() if k != "group"} for s in summaries]
         json_out.write_text(json.dumps({"runs": runs_json, "groups": groups}, indent=1) + "\n")
+        console.print(f"wrote {escape(str(json_out))}")
+
+
+@moe_app.command("report")
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (seeds of a config group).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the PNGs and report.md.")],
+    text: Annotated[
+        Path | None,
+        typer.Option("--text", help="Text to route for the expert plots (default: val split)."),
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="Tokens routed per run for the expert plots.")
+    ] = 50_000,
+    top: Annotated[int, typer.Option("--top", help="Tokens listed per expert.")] = 5,
+    prefix: Annotated[str, typer.Option("--prefix", help="Prefix of every file name.")] = "",
+) -> None:
+    """Loss curves (mean +- std over seeds), expert-load heatmaps and specialisation tables.
+
+    Writes loss.png, expert_load_<run>.png, expert_load_training_<run>.png, report.md and
+    report.json into --out (needs matplotlib: pip install 'aiprime[plots]').
+    """
+    from aiprime.moe.lm.report import write_report
+
+    try:
+        res = write_report(runs, out, text=text, max_tokens=max_tokens, top=top, prefix=prefix)
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
+        _fail(str(e))
+        return
+    for g in res["groups"]:
+        std = "" if g["val_loss_std"] is None else f" ± {g['val_loss_std']:.4f}"
+        val = "-" if g["val_loss_mean"] is None else f"{g['val_loss_mean']:.4f}"
+        console.print(f"{escape(g['label'])}: n={g['n']} val loss {val}{std}")
+    console.print(f"wrote {len(res['files'])} files to {escape(str(out))}: "
+                  + ", ".join(res["files"]))  # fmt: skip
+
+
+@moe_app.command("speed")
+def speed_cmd(
+    configs: Annotated[list[Path], typer.Argument(help="TOML configs to time against each other.")],
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps per config and round.")] = 5,
+    rounds: Annotated[int, typer.Option("--rounds", help="Round-robin rounds.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps per config.")] = 2,
+    threads: Annotated[int, typer.Option("--threads")] = 1,
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="65 = tiny Shakespeare.")] = 65,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON.")] = None,
+) -> None:
+    """Training tokens/s of configs measured interleaved (fair on a busy machine).
+
+    Reports wall-clock tokens/s and tokens per process-CPU-second (the load-independent
+    one at --threads 1), medians over rounds, on random tokens.
+    """
+    import json
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from aiprime.moe.lm.speed import measure_throughput
+    from aiprime.moe.lm.train import load_config
+
+    try:
+        cfgs = {c.stem: load_config(c) for c in configs}
+        res = measure_throughput(cfgs, vocab_size, steps, rounds, warmup, threads)
+    except (OSError, ValueError, TypeError) as e:
+        _fail(str(e))
+        return
+    t = Table(title=f"training throughput ({rounds} rounds x {steps} steps, {threads} thread(s))")
+    for col in ("config", "params total/active", "tokens/s wall", "tokens/CPU-s"):
+        t.add_column(col)
+    for r in res:
+        t.add_row(escape(r.name), f"{r.params_total:,}/{r.params_active:,}",
+                  f"{r.wall_tokens_per_s:.0f}", f"{r.cpu_tokens_per_s:.0f}")  # fmt: skip
+    console.print(t)
+    if json_out is not None:
+        json_out.write_text(json.dumps([asdict(r) for r in res], indent=1) + "\n")
         console.print(f"wrote {escape(str(json_out))}")

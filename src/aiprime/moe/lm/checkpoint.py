@@ -36,7 +36,7 @@ def flatten_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict
     for pid, st in sd["state"].items():
         for name, value in st.items():
             if isinstance(value, Tensor):
-                tensors[f"state/{pid}/{name}"] = value.detach().contiguous()
+                tensors[f"state/{pid}/{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[name] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -54,26 +54,33 @@ def unflatten_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) 
 
 
 def _tensors(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 def save_checkpoint(
     path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    model: nn.Module | dict[str, Tensor],
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None,
     state: dict[str, Any],
     tokenizer: dict[str, Any],
 ) -> None:
-    """Write a checkpoint directory atomically (see the module docstring)."""
+    """Write a checkpoint directory atomically (see the module docstring). ``model`` and
+    ``optimizer`` may be given as state dicts (expert parallelism saves gathered ones)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_tensors(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    weights = (
+        _tensors(model)
+        if isinstance(model, nn.Module)
+        else {k: v.detach().cpu().contiguous() for k, v in model.items()}
+    )
+    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
     state = {"format_version": FORMAT_VERSION, **state}
     if optimizer is not None:
-        tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+        sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        tensors, meta = flatten_optimizer_state(sd)
         save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": "pt"})
         state["optimizer"] = meta
     (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
@@ -108,9 +115,14 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     model.load_state_dict(load_file(str(Path(path) / MODEL_FILE)), strict=True)
 
 
+def read_optimizer_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer state dict saved next to ``state`` (from :func:`read_state`)."""
+    tensors = load_file(str(Path(path) / OPTIM_FILE))
+    return unflatten_optimizer_state(tensors, state["optimizer"])
+
+
 def load_optimizer_state(
     path: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
     """Restore the optimizer saved next to ``state`` (from :func:`read_state`)."""
-    tensors = load_file(str(Path(path) / OPTIM_FILE))
-    optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
+    optimizer.load_state_dict(read_optimizer_state(path, state))

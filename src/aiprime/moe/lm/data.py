@@ -6,6 +6,7 @@ resumed run draws exactly the batches an uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -58,19 +59,59 @@ class CharTokenizer:
         return {"kind": "char", "chars": self.chars}
 
 
-class BPETokenizer:
-    """tiktoken BPE (``gpt2`` by default). tiktoken is optional and imported lazily."""
+# GPT-2's pre-tokenisation regex (tiktoken's r50k/gpt2 pattern), used for rank files
+# loaded from disk so they split text exactly as the named ``gpt2`` encoding does.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-    def __init__(self, encoding: str = "gpt2") -> None:
-        try:
-            import tiktoken
-        except ImportError:
-            raise ImportError(
-                "tokenizer = 'bpe' needs tiktoken, which is not installed "
-                "(pip install tiktoken), or use tokenizer = 'char'"
-            ) from None
+
+def _import_tiktoken() -> Any:
+    try:
+        import tiktoken
+    except ImportError:
+        raise ImportError(
+            "tokenizer = 'bpe' needs tiktoken, which is not installed "
+            "(pip install tiktoken), or use tokenizer = 'char'"
+        ) from None
+    return tiktoken
+
+
+class BPETokenizer:
+    """tiktoken byte-level BPE. tiktoken is optional and imported lazily.
+
+    ``encoding`` is a tiktoken encoding name (``gpt2``, the default: tiktoken downloads its
+    ranks on first use and caches them, so it needs the network once) or the path of a
+    ``.tiktoken`` rank file (one ``base64(token) rank`` per line, tiktoken's own format),
+    which works offline. A file's ranks are stored in the checkpoint (``ranks``), so a
+    checkpoint never depends on the file still being there.
+    """
+
+    def __init__(self, encoding: str = "gpt2", ranks: dict[bytes, int] | None = None) -> None:
+        tiktoken = _import_tiktoken()
         self.encoding = encoding
-        self._enc = tiktoken.get_encoding(encoding)
+        self._ranks: dict[bytes, int] | None = None
+        if ranks is None and is_rank_file(encoding):
+            from tiktoken.load import load_tiktoken_bpe
+
+            path = Path(encoding).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"BPE rank file {path} not found")
+            ranks = load_tiktoken_bpe(str(path))
+        if ranks is not None:
+            self._ranks = ranks
+            self._enc = tiktoken.Encoding(
+                name=Path(encoding).stem, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                special_tokens={},
+            )  # fmt: skip
+            return
+        try:
+            self._enc = tiktoken.get_encoding(encoding)
+        except Exception as e:  # network errors (offline), unknown names, corrupt caches
+            raise ValueError(
+                f"could not load the tiktoken encoding {encoding!r} ({type(e).__name__}: "
+                f"{str(e)[:200]}). tiktoken downloads named encodings on first use and caches "
+                "them (TIKTOKEN_CACHE_DIR); offline, set data.bpe_encoding to a local "
+                ".tiktoken rank file"
+            ) from None
 
     @property
     def vocab_size(self) -> int:
@@ -83,7 +124,15 @@ class BPETokenizer:
         return str(self._enc.decode(ids))
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "bpe", "encoding": self.encoding}
+        d: dict[str, Any] = {"kind": "bpe", "encoding": self.encoding}
+        if self._ranks is not None:
+            d["ranks"] = [[base64.b64encode(t).decode("ascii"), r] for t, r in self._ranks.items()]
+        return d
+
+
+def is_rank_file(encoding: str) -> bool:
+    """A path rather than a tiktoken name: names never contain a separator or a suffix."""
+    return "/" in encoding or "\\" in encoding or encoding.endswith(".tiktoken")
 
 
 def tokenizer_from_json(d: dict[str, Any]) -> CharTokenizer | BPETokenizer:
@@ -91,7 +140,11 @@ def tokenizer_from_json(d: dict[str, Any]) -> CharTokenizer | BPETokenizer:
     if d.get("kind") == "char":
         return CharTokenizer(list(d["chars"]))
     if d.get("kind") == "bpe":
-        return BPETokenizer(str(d.get("encoding", "gpt2")))
+        ranks = d.get("ranks")
+        return BPETokenizer(
+            str(d.get("encoding", "gpt2")),
+            None if ranks is None else {base64.b64decode(t): int(r) for t, r in ranks},
+        )
     raise ValueError(f"unknown tokenizer kind {d.get('kind')!r}")
 
 
@@ -115,6 +168,7 @@ class TextData:
         path: Path,
         tokenizer: TokenizerKind | CharTokenizer | BPETokenizer = "char",
         val_fraction: float = 0.1,
+        bpe_encoding: str = "gpt2",
     ) -> None:
         if not 0.0 < val_fraction < 1.0:
             raise ValueError("val_fraction must be in (0, 1)")
@@ -122,7 +176,7 @@ class TextData:
         if tokenizer == "char":
             tokenizer = CharTokenizer.from_text(text)
         elif tokenizer == "bpe":
-            tokenizer = BPETokenizer()
+            tokenizer = BPETokenizer(bpe_encoding)
         assert not isinstance(tokenizer, str)
         self.tokenizer: CharTokenizer | BPETokenizer = tokenizer
         ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)

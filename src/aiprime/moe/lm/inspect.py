@@ -1,7 +1,7 @@
 """Look inside trained LMs: which tokens each expert takes, and run summaries.
 
-Both need no plotting library: the results are plain tables (rich or JSON), because
-matplotlib is not a dependency of the project.
+Both need no plotting library: the results are plain tables (rich or JSON), so ``inspect``
+and ``compare`` work without the optional matplotlib; :mod:`.report` draws the plots.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from aiprime.moe.layer import MoELayer
 
 from .model import GPT
-from .train import read_metrics
+from .train import TrainConfig, read_metrics
 
 
 @torch.no_grad()
@@ -137,7 +137,9 @@ def summarize_run(run_dir: Path) -> RunSummary:
     state_file = run_dir / "checkpoint" / "state.json"
     if state_file.exists():
         counts = json.loads(state_file.read_text()).get("param_counts", {})
-    key_cfg = json.loads(json.dumps(cfg))
+    # through TrainConfig so keys added since a run was made take their defaults and do not
+    # split a group (e.g. data.bpe_encoding, absent from older config.json files)
+    key_cfg = TrainConfig.from_dict(cfg).to_dict()
     key_cfg["train"].pop("seed", None)
     key_cfg["train"].pop("out_dir", None)
     key_cfg["train"].pop("threads", None)

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -110,14 +111,16 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block; the FFN is a :class:`DenseFFN` or a :class:`MoELayer`."""
 
-    def __init__(self, cfg: ModelConfig, moe: bool) -> None:
+    def __init__(
+        self, cfg: ModelConfig, moe: bool, ep_group: dist.ProcessGroup | None = None
+    ) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.ffn: DenseFFN | MoELayer
         if moe:
-            self.ffn = MoELayer(cfg.moe.layer_config(cfg.d_model, cfg.activation))
+            self.ffn = MoELayer(cfg.moe.layer_config(cfg.d_model, cfg.activation), ep_group)
             p = cfg.moe.expert_dropout
             self.ffn_dropout = nn.Dropout(cfg.dropout if p is None else p)
         else:
@@ -161,15 +164,22 @@ class ParamCounts:
 
 
 class GPT(nn.Module):
-    """Token + learned position embeddings, pre-LN blocks, tied LM head."""
+    """Token + learned position embeddings, pre-LN blocks, tied LM head.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    With ``ep_group`` every MoE layer holds only this rank's ``n_experts / world`` experts
+    (expert parallelism); load weights sharded with
+    :func:`aiprime.moe.parallel.shard_expert_state_dict` so it equals the full model.
+    """
+
+    def __init__(self, cfg: ModelConfig, ep_group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(
+            Block(cfg, cfg.is_moe_layer(i), ep_group) for i in range(cfg.n_layer)
+        )
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.reset_parameters()
 

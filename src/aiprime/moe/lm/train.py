@@ -20,18 +20,31 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import Tensor
 
 from aiprime.moe.layer import update_bias_balancers
+from aiprime.moe.parallel import shard_expert_state_dict
 
 from .checkpoint import (
+    MODEL_FILE,
     find_checkpoint,
     load_model_weights,
     load_optimizer_state,
+    read_optimizer_state,
     read_state,
     save_checkpoint,
 )
-from .data import BatchSampler, TextData, TokenizerKind, tokenizer_from_json
+from .data import BatchSampler, TextData, TokenizerKind, is_rank_file, tokenizer_from_json
+from .expert_parallel import (
+    clip_global_grad_norm,
+    expert_param_names,
+    gather_model_state,
+    gather_optimizer_state,
+    optimizer_param_names,
+    shard_optimizer_state,
+    sync_grads,
+)
 from .model import GPT, ModelConfig
 
 CHECKPOINT_DIR = "checkpoint"
@@ -41,11 +54,14 @@ METRICS_FILE = "metrics.jsonl"
 @dataclass
 class DataConfig:
     """``path``: a UTF-8 text file; relative paths are tried against the working directory,
-    then the config file's directory (stored resolved, so resume works from anywhere)."""
+    then the config file's directory (stored resolved, so resume works from anywhere).
+    ``bpe_encoding`` (``tokenizer = "bpe"`` only): a tiktoken encoding name, or a
+    ``.tiktoken`` rank file (resolved like ``path``) for offline use."""
 
     path: str = ""
     tokenizer: TokenizerKind = "char"
     val_fraction: float = 0.1
+    bpe_encoding: str = "gpt2"
 
 
 @dataclass
@@ -78,6 +94,10 @@ class TrainSection:
     ckpt_interval: int = 250
     out_dir: str = "out/moe/run"
     threads: int | None = None
+    # under torchrun: shard each MoE layer's experts over the ranks (see expert_parallel.py)
+    expert_parallel: bool = False
+    # "cpu" or "cuda" (under torchrun: cuda:LOCAL_RANK, and NCCL instead of gloo)
+    device: str = "cpu"
 
 
 @dataclass
@@ -123,16 +143,23 @@ def _check_keys(kind: Any, sec: dict[str, Any], where: str) -> None:
 
 
 def load_config(path: Path) -> TrainConfig:
-    """Read a TOML config and resolve ``data.path`` to an absolute path."""
+    """Read a TOML config and resolve ``data.path`` (and a ``data.bpe_encoding`` rank
+    file) to an absolute path."""
     path = Path(path)
     with path.open("rb") as f:
         cfg = TrainConfig.from_dict(tomllib.load(f))
-    if cfg.data.path:
-        p = Path(cfg.data.path).expanduser()
+
+    def resolve(name: str) -> str:
+        p = Path(name).expanduser()
         if not p.is_absolute():
             cands = [Path.cwd() / p, path.parent / p]
             p = next((c for c in cands if c.exists()), cands[0])
-        cfg.data.path = str(p.resolve())
+        return str(p.resolve())
+
+    if cfg.data.path:
+        cfg.data.path = resolve(cfg.data.path)
+    if is_rank_file(cfg.data.bpe_encoding):
+        cfg.data.bpe_encoding = resolve(cfg.data.bpe_encoding)
     return cfg
 
 
@@ -269,25 +296,39 @@ def train(
 
 
 class _Comm:
-    """Data parallelism over ``torch.distributed`` (torchrun, gloo): ranks draw different
-    batches and average gradients with one all-reduce per step. With one process every
-    method is a no-op, so single-process runs are unaffected."""
+    """Data parallelism over ``torch.distributed`` (torchrun; gloo on CPU, NCCL on CUDA):
+    ranks draw different batches and average gradients with one all-reduce per step. With
+    one process every method is a no-op, so single-process runs are unaffected.
 
-    def __init__(self) -> None:
+    ``device`` is where this rank trains; collectives run on ``self.cdev`` (the GPU for
+    NCCL, the CPU for gloo), host-side tensors are moved there and back."""
+
+    def __init__(self, device: str = "cpu") -> None:
         self.owned = False
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"train.device must be 'cpu' or 'cuda', not {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train.device = 'cuda' but CUDA is not available")
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = torch.device("cpu")
+        if device == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
         if world > 1 and dist.is_available() and not dist.is_initialized():
-            dist.init_process_group("gloo")
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
             self.owned = True
         on = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if on else 0
         self.world = dist.get_world_size() if on else 1
         self.group = dist.group.WORLD if self.world > 1 else None
+        nccl = on and dist.get_backend() == "nccl"
+        self.cdev = self.device if nccl else torch.device("cpu")
 
     def any_true(self, flag: bool) -> bool:
         if self.world == 1:
             return flag
-        t = torch.tensor([float(flag)])
+        t = torch.tensor([float(flag)], device=self.cdev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -304,13 +345,19 @@ class _Comm:
 
     def sum_(self, t: Tensor) -> Tensor:
         if self.world > 1:
-            dist.all_reduce(t)
+            if t.device == self.cdev:
+                dist.all_reduce(t)
+            else:
+                c = t.to(self.cdev)
+                dist.all_reduce(c)
+                t = c.to(t.device)
         return t
 
     def gather_states(self, state: Tensor) -> list[list[int]]:
         """Every rank's RNG state (fixed-size uint8 tensors), without pickling."""
         if self.world == 1:
             return [state.tolist()]
+        state = state.to(self.cdev)
         out = [torch.empty_like(state) for _ in range(self.world)]
         dist.all_gather(out, state)
         return [o.tolist() for o in out]
@@ -331,7 +378,7 @@ def _train(
     stop_at: int | None,
     progress: ProgressFn | None,
 ) -> TrainResult:
-    comm = _Comm()
+    comm = _Comm(cfg.train.device)
     try:
         return _loop(cfg, out, saved, stop_at, progress, comm)
     finally:
@@ -357,10 +404,23 @@ def _loop(
         tok = tokenizer_from_json(saved["tokenizer"])
         data = TextData(Path(cfg.data.path), tok, cfg.data.val_fraction)
     else:
-        data = TextData(Path(cfg.data.path), cfg.data.tokenizer, cfg.data.val_fraction)
+        data = TextData(
+            Path(cfg.data.path), cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.bpe_encoding
+        )
         cfg.model = replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
     mcfg = cfg.model
     model = GPT(mcfg)
+    counts = model.param_counts()  # of the full model, also under expert parallelism
+    ep = t.expert_parallel and comm.world > 1
+    expert_names: list[str] = []
+    if ep:  # same full init on every rank, then keep this rank's slice of the experts
+        full = model.state_dict()
+        model = GPT(mcfg, ep_group=comm.group)
+        model.load_state_dict(shard_expert_state_dict(full, comm.rank, comm.world))
+        expert_names = expert_param_names(model)
+    cuda = comm.device.type == "cuda"
+    if cuda:  # initialised on the CPU above, so a seed gives the same weights everywhere
+        model.to(comm.device)
     if comm.world > 1:
         torch.manual_seed(t.seed + 7919 * comm.rank)  # different dropout per rank
     opt = make_optimizer(model, cfg.optim)
@@ -368,6 +428,8 @@ def _loop(
     val_batches = BatchSampler(data.val, mcfg.block_size, t.batch_size, t.seed).eval_batches(
         t.eval_iters, seed=t.seed + 1
     )
+    if cuda:
+        val_batches = [(x.to(comm.device), y.to(comm.device)) for x, y in val_batches]
     start = 0
     win = _Window()
     last_val: float | None = None
@@ -379,11 +441,22 @@ def _loop(
                 f"resume it with the same number, not {comm.world}"
             )
         ckpt = find_checkpoint(out)
-        load_model_weights(ckpt, model)
-        load_optimizer_state(ckpt, opt, saved)
+        if ep:
+            weights = load_file(str(ckpt / MODEL_FILE))
+            model.load_state_dict(shard_expert_state_dict(weights, comm.rank, comm.world))
+            osd = shard_optimizer_state(
+                read_optimizer_state(ckpt, saved), optimizer_param_names(opt, model),
+                expert_names, comm.rank, comm.world,
+            )  # fmt: skip
+            opt.load_state_dict(osd)
+        else:
+            load_model_weights(ckpt, model)
+            load_optimizer_state(ckpt, opt, saved)
         mine = saved["rng"][comm.rank]
         sampler.set_state(mine["data"])
         torch.set_rng_state(torch.tensor(mine["torch"], dtype=torch.uint8))
+        if cuda and "cuda" in mine:  # dropout on the GPU draws from the CUDA generator
+            torch.cuda.set_rng_state(torch.tensor(mine["cuda"], dtype=torch.uint8))
         start = ckpt_step = int(saved["step"])
         win = _Window(**saved["window"])
         last_val = saved.get("val_loss")
@@ -397,19 +470,31 @@ def _loop(
     def save(step: int) -> None:
         torch_states = comm.gather_states(torch.get_rng_state())
         data_states = comm.gather_states(sampler.generator.get_state())
+        cuda_states = comm.gather_states(torch.cuda.get_rng_state()) if cuda else None
+        model_sd: Any = model
+        opt_sd: Any = opt
+        if ep:  # every rank takes part in the gathers; rank 0 writes the full layout
+            model_sd = gather_model_state(model, expert_names, comm.group)
+            opt_sd = gather_optimizer_state(
+                opt.state_dict(), optimizer_param_names(opt, model), expert_names, comm.group
+            )
         if lead:
+            rng: list[dict[str, Any]] = [
+                {"torch": a, "data": b} for a, b in zip(torch_states, data_states, strict=True)
+            ]
+            if cuda_states is not None:
+                for r, c in zip(rng, cuda_states, strict=True):
+                    r["cuda"] = c
             state = {
                 "step": step,
                 "config": cfg.to_dict(),
                 "tokenizer": data.tokenizer.to_json(),
-                "rng": [
-                    {"torch": a, "data": b} for a, b in zip(torch_states, data_states, strict=True)
-                ],
+                "rng": rng,
                 "window": asdict(win),
                 "val_loss": last_val,
-                "param_counts": asdict(model.param_counts()),
+                "param_counts": asdict(counts),
             }
-            save_checkpoint(ckpt_dir, model, opt, state, data.tokenizer.to_json())
+            save_checkpoint(ckpt_dir, model_sd, opt_sd, state, data.tokenizer.to_json())
         comm.barrier()
 
     def fail(step: int, what: str) -> NonFiniteLossError:
@@ -424,6 +509,9 @@ def _loop(
 
     tokens_per_step = t.batch_size * t.grad_accum * mcfg.block_size * comm.world
     params = [p for p in model.parameters() if p.requires_grad]
+    named = dict(model.named_parameters())
+    expert_params = [named[n] for n in expert_names]
+    dense_params = [p for p in params if all(p is not e for e in expert_params)]
     with metrics_path.open("a") if lead else open(os.devnull, "w") as log:
         for step in range(start, stop):
             s = step + 1
@@ -436,6 +524,11 @@ def _loop(
             loads: list[Tensor] = []
             for _ in range(t.grad_accum):
                 x, y = sampler.next()
+                if cuda:
+                    x, y = (
+                        x.to(comm.device, non_blocking=True),
+                        y.to(comm.device, non_blocking=True),
+                    )
                 res = model(x, y)
                 assert res.loss is not None
                 loss_v, aux_v = res.loss.item(), res.aux_loss.item()
@@ -445,9 +538,13 @@ def _loop(
                 sums += torch.tensor([loss_v, aux_v], dtype=torch.float64) / t.grad_accum
                 mb = [st.routed_per_expert.float() for st in res.stats]
                 loads = mb if not loads else [a + b for a, b in zip(loads, mb, strict=True)]
-            comm.mean_grads(params)
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if ep:
+                sync_grads(dense_params, expert_params, comm, comm.world)
+                gnorm = clip_global_grad_norm(dense_params, expert_params, max_norm, comm.group)
+            else:
+                comm.mean_grads(params)
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not math.isfinite(gnorm):
                 raise fail(s, f"gradient norm ({gnorm})")
             opt.step()
@@ -463,7 +560,7 @@ def _loop(
             win.seconds += time.perf_counter() - t0
 
             evaluated = s % t.eval_interval == 0 or s == t.max_steps
-            if evaluated and lead:
+            if evaluated and (lead or ep):  # under EP all ranks run the (same) forward
                 last_val = evaluate(model, val_batches)
             if s % t.log_interval == 0 or evaluated or s == stop:
                 rec: dict[str, Any] = {
