@@ -212,7 +212,7 @@ def remove_cmd(
 
 @app.command()
 def search(
-    query: Annotated[str, typer.Argument(help="What to look for.")],
+    query: Annotated[str, typer.Argument(help="What to look for.")] = "",
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="Results.")] = 5,
     mode: Annotated[str, typer.Option("--mode", help="bm25, dense or hybrid.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -220,8 +220,21 @@ def search(
         bool,
         typer.Option("--rerank/--no-rerank", help="Apply the trained re-rankers, if any."),
     ] = True,
+    image: Annotated[
+        Path | None, typer.Option("--image", help="Query by image (multimodal collection).")
+    ] = None,
+    modality: Annotated[
+        str, typer.Option("--modality", help="Return 'image' or 'text' rows (multimodal).")
+    ] = "",
 ) -> None:
     """Search the knowledge base (hybrid BM25 + dense by default, then any re-rankers)."""
+    if image is not None or modality == "image":  # cross-modal: see docs/multimodal.md
+        from aiprime.cli_mm import mm_search
+
+        mm_search(query, image, modality or "image", k, as_json)
+        return
+    if modality not in ("", "text"):
+        _fail(f"--modality {modality!r}: choose image or text")
     if mode and mode not in ("bm25", "dense", "hybrid"):
         _fail(f"--mode {mode!r}: choose bm25, dense or hybrid")
     if not query.strip():

@@ -72,6 +72,10 @@ def main() -> None:
     console.print(Rule("cited answers (offline, extractive)"))
     for q in ASK:
         run("ask", q)
+    from aiprime.multimodal.demo import run_demo as mm_demo
+
+    fashion = ROOT.parent / "shared" / "data" / "fashion"
+    mm_demo(run, console, fashion if (fashion / "captions.csv").is_file() else None)
     from aiprime.routing.demo import run_demo as routing_demo
 
     console.print(Rule("query routing · a learned router over two expert collections"))
