@@ -21,6 +21,7 @@ os.environ.setdefault("LANCE_LOG", "error")
 
 import numpy as np
 import pytest
+from routing_data import DOMAIN_DOCS, LABELLED
 from typer.testing import CliRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -201,3 +202,35 @@ def write_beir(root: Path, split_rows: dict[str, list[tuple[str, str, int]]] | N
 def make_beir():
     """``make_beir(root)`` writes a 5-document BEIR folder (test: q1-q3, train: q4-q5)."""
     return write_beir
+
+
+# -- routing: three tiny domain collections declared as experts (tests/routing_data.py) --
+
+@pytest.fixture
+def domain_home(home: Path, tmp_path: Path, fake_cls) -> Path:
+    """A data directory with one collection per domain and a config declaring them."""
+    from aiprime.config import load_settings
+    from aiprime.rag.kb import KnowledgeBase
+
+    emb = fake_cls()
+    for name, docs in DOMAIN_DOCS.items():
+        f = tmp_path / "corpora" / f"{name}.jsonl"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in docs))
+        kb = KnowledgeBase(load_settings(home), collection=name, embedder=emb, reranker=None)
+        kb.ingest([f])
+    experts = "\n".join(
+        f'[[routing.experts]]\nname = "{n}"\ncollection = "{n}"\nmode = "hybrid"\nrerank = []\n'
+        for n in DOMAIN_DOCS
+    )
+    (home / "config.toml").write_text(
+        f"[routing]\nfallback_threshold = 0.4\nepochs = 200\n\n{experts}"
+    )
+    return home
+
+
+@pytest.fixture
+def labels_file(tmp_path: Path) -> Path:
+    f = tmp_path / "labels.jsonl"
+    f.write_text("".join(json.dumps({"query": q, "expert": e}) + "\n" for q, e in LABELLED))
+    return f

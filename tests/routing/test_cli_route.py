@@ -12,24 +12,9 @@ from aiprime import cli
 
 
 @pytest.fixture
-def run(domain_home: Path, monkeypatch: pytest.MonkeyPatch, fake_cls):
-    import aiprime.embed
-    import aiprime.embed.base
-    import aiprime.rag.kb
-
-    def fake_loader(settings, cached: bool = True):
-        return fake_cls()
-
-    for mod in (aiprime.embed.base, aiprime.embed, aiprime.rag.kb):
-        monkeypatch.setattr(mod, "load_embedder", fake_loader)
-    runner = CliRunner()
-
-    def _run(*args: str):
-        return runner.invoke(
-            cli.app, ["--home", str(domain_home), *map(str, args)], catch_exceptions=False
-        )
-
-    return _run
+def run(domain_home: Path, cli_run):
+    """``aiprime --home DOMAIN_HOME ...`` on the fake embedder (``cli_run`` in conftest)."""
+    return lambda *args: cli_run("--home", domain_home, *args)
 
 
 def test_route_commands_are_registered() -> None:

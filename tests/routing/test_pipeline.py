@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from routing_data import LABELLED
 
 from aiprime.config import ExpertSettings, load_settings
 from aiprime.routing.experts import RoutingError, build_experts, expert_settings
 from aiprime.routing.pipeline import RoutedSearch, fuse_experts, read_labels
 from aiprime.store import Hit
-
-from .conftest import LABELLED
 
 
 def _rs(home: Path, fake_cls) -> RoutedSearch:

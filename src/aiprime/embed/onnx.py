@@ -141,18 +141,34 @@ def export_onnx(model_dir: Path, out_path: Path, quantize: bool) -> Path:
                 opset_version=17,
                 dynamo=False,
             )
-        final = raw
-        if quantize:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            final = Path(tmp) / "int8.onnx"
-            logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-            quantize_dynamic(str(raw), str(final), weight_type=QuantType.QInt8, per_channel=True)
-        # Atomic publish: a crash mid-export never leaves a half-written model behind.
-        partial = out_path.with_suffix(".partial")
-        shutil.copyfile(final, partial)
-        os.replace(partial, out_path)
+        publish(raw, out_path, quantize)
     return out_path
+
+
+def publish(raw: Path, out_path: Path, quantize: bool) -> None:
+    """Optionally quantise an exported graph (int8 weights, per channel: ~2x on VNNI CPUs),
+    then publish it atomically, so a crash mid-export never leaves half a model behind."""
+    final = raw
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        final = raw.with_name("int8.onnx")
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+        quantize_dynamic(str(raw), str(final), weight_type=QuantType.QInt8, per_channel=True)
+    partial = out_path.with_suffix(".partial")
+    shutil.copyfile(final, partial)
+    os.replace(partial, out_path)
+
+
+def cpu_session(path: Path, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session with full graph optimisation; 0 threads = all cores."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 class OnnxEmbedder:
@@ -167,14 +183,9 @@ class OnnxEmbedder:
         batch_size: int = 64,
         threads: int = 0,
     ) -> None:
-        import onnxruntime as ort
         from transformers import AutoTokenizer
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(onnx_path, threads)
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.max_seq_length = min(max_seq_length, self.tokenizer.model_max_length or max_seq_length)
         self.batch_size = batch_size

@@ -103,61 +103,53 @@ class CrossEncoderModel:
         )
         self.model.to(self.device).eval()
 
-    def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
-        """One relevance logit per passage (for two-class heads: the log-odds)."""
-        if self.session is not None:
-            return self._score_onnx(query, passages)
-        import torch
-
-        out: list[np.ndarray] = []
-        with torch.inference_mode():
-            for i in range(0, len(passages), self.batch_size):
-                part = list(passages[i : i + self.batch_size])
-                enc = self.tokenizer(
-                    [query] * len(part),
-                    part,
-                    truncation="only_second",
-                    max_length=self.max_length,
-                    padding=True,
-                    return_tensors="pt",
-                ).to(self.device)
-                logits = self.model(**enc).logits.float()
-                if logits.shape[-1] == 1:
-                    s = logits[:, 0]
-                else:
-                    s = logits[:, -1] - torch.logsumexp(logits[:, :-1], dim=-1)
-                out.append(s.cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-    def _score_onnx(self, query: str, passages: Sequence[str]) -> np.ndarray:
-        out: list[np.ndarray] = []
-        names = {i.name for i in self.session.get_inputs()}
+    def _batches(self, query: str, passages: Sequence[str], tensors: str) -> Iterable[Any]:
+        """(query, passage) pairs tokenised in batches; only the passage is truncated."""
         for i in range(0, len(passages), self.batch_size):
             part = list(passages[i : i + self.batch_size])
-            enc = self.tokenizer(
+            yield self.tokenizer(
                 [query] * len(part),
                 part,
                 truncation="only_second",
                 max_length=self.max_length,
                 padding=True,
-                return_tensors="np",
+                return_tensors=tensors,
             )
-            feeds = {k: np.asarray(enc[k], dtype=np.int64) for k in names if k in enc}
-            if "token_type_ids" in names and "token_type_ids" not in feeds:
-                feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-            out.append(np.asarray(self.session.run(None, feeds)[0], dtype=np.float32))
+
+    def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
+        """One relevance logit per passage (for two-class heads: the log-odds)."""
+        out: list[np.ndarray] = []
+        if self.session is not None:
+            names = {i.name for i in self.session.get_inputs()}
+            for enc in self._batches(query, passages, "np"):
+                feeds = {k: np.asarray(enc[k], dtype=np.int64) for k in names if k in enc}
+                if "token_type_ids" in names and "token_type_ids" not in feeds:
+                    feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+                out.append(np.asarray(self.session.run(None, feeds)[0], dtype=np.float32))
+        else:
+            import torch
+
+            with torch.inference_mode():
+                for enc in self._batches(query, passages, "pt"):
+                    logits = self.model(**enc.to(self.device)).logits.float()
+                    if logits.shape[-1] == 1:
+                        s = logits[:, 0]
+                    else:
+                        s = logits[:, -1] - torch.logsumexp(logits[:, :-1], dim=-1)
+                    out.append(s.cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
 def export_cross_encoder_onnx(model_dir: Path, out_path: Path, quantize: bool) -> Path:
     """Export the classifier with its score head (logit, or log-odds for two classes) to
     ONNX; int8 dynamic quantisation with per-channel weights, as the embedder does."""
-    import logging
     import tempfile
     import warnings
 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from aiprime.embed.onnx import publish
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     try:  # eager attention exports as MatMul/Softmax, which int8 kernels handle best
@@ -197,32 +189,17 @@ def export_cross_encoder_onnx(model_dir: Path, out_path: Path, quantize: bool) -
                 opset_version=17,
                 dynamo=False,
             )
-        final = raw
-        if quantize:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            final = Path(tmp) / "int8.onnx"
-            logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-            quantize_dynamic(str(raw), str(final), weight_type=QuantType.QInt8, per_channel=True)
-        partial = out_path.with_suffix(".partial")
-        shutil.copyfile(final, partial)
-        os.replace(partial, out_path)  # atomic: a crash never leaves half a model
+        publish(raw, out_path, quantize)
     return out_path
 
 
 def _onnx_session(model_dir: Path, export_dir: Path, quantize: bool, threads: int) -> Any:
-    import onnxruntime as ort
-
-    from aiprime.embed.onnx import _fingerprint
+    from aiprime.embed.onnx import _fingerprint, cpu_session
 
     path = export_dir / f"ce-{_fingerprint(model_dir, quantize, 0)}.onnx"
     if not path.is_file():
         export_cross_encoder_onnx(model_dir, path, quantize)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return cpu_session(path, threads)
 
 
 def _z(x: np.ndarray) -> np.ndarray:

@@ -1,11 +1,7 @@
-"""Three tiny domain collections on the fake embedder, declared as routing experts."""
+"""Three tiny domain collections on the fake embedder, declared as routing experts: the
+fixture data of the routing tests and the service's routing endpoints."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
-
-import pytest
 
 DOMAIN_DOCS = {
     "cooking": [
@@ -39,33 +35,3 @@ LABELLED = [
     ("coach team formation match", "football"),
     ("referee whistle ball kick", "football"),
 ]
-
-
-@pytest.fixture
-def domain_home(home: Path, tmp_path: Path, fake_cls) -> Path:
-    """A data directory with one collection per domain and a config declaring them."""
-    from aiprime.config import load_settings
-    from aiprime.rag.kb import KnowledgeBase
-
-    emb = fake_cls()
-    for name, docs in DOMAIN_DOCS.items():
-        f = tmp_path / "corpora" / f"{name}.jsonl"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in docs))
-        kb = KnowledgeBase(load_settings(home), collection=name, embedder=emb, reranker=None)
-        kb.ingest([f])
-    experts = "\n".join(
-        f'[[routing.experts]]\nname = "{n}"\ncollection = "{n}"\nmode = "hybrid"\nrerank = []\n'
-        for n in DOMAIN_DOCS
-    )
-    (home / "config.toml").write_text(
-        f"[routing]\nfallback_threshold = 0.4\nepochs = 200\n\n{experts}"
-    )
-    return home
-
-
-@pytest.fixture
-def labels_file(tmp_path: Path) -> Path:
-    f = tmp_path / "labels.jsonl"
-    f.write_text("".join(json.dumps({"query": q, "expert": e}) + "\n" for q, e in LABELLED))
-    return f
