@@ -148,6 +148,35 @@ def query_cmd(
         )
 
 
+@route_app.command("ask")
+def ask_cmd(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    expert: Annotated[
+        str | None, typer.Option("--expert", "-e", help="Skip the router: this expert.")
+    ] = None,
+    llm: Annotated[
+        str | None, typer.Option("--llm", help="Override the expert's answer model.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Route a question to its expert and answer there, with citations (or say there is
+    no good answer in that expert's collection)."""
+    from aiprime.routing.experts import RoutingError
+
+    rs = _open()
+    try:
+        name, answer = rs.ask(question, expert=expert, llm=llm)
+    except (RoutingError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if as_json:
+        console.print_json(json.dumps({"expert": name, **answer.to_dict()}, default=str))
+        return
+    console.print(f"[bold]expert[/bold] {escape(name)} · {escape(answer.model)}")
+    console.print(escape(answer.text))
+    for c in answer.used_citations():
+        console.print(f"  [bold cyan][{c.n}][/bold cyan] [green]{escape(c.location())}[/green]")
+
+
 @route_app.command("feedback")
 def feedback_cmd(
     query: Annotated[str, typer.Argument(help="The query the verdict is about.")],

@@ -102,3 +102,15 @@ def test_demo_runs_without_shared_data(
     h = run_demo(run, Quiet(), None, home=tmp_path / "demo")
     assert codes and all(c == 0 for c in codes)
     assert (h / "models" / "router" / "router.json").is_file()
+
+
+def test_route_ask_answers_with_the_routed_expert(run, labels_file: Path) -> None:
+    assert run("route", "train", labels_file).exit_code == 0
+    r = run("route", "ask", "how long should the bread dough rise with yeast?", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["expert"] == "cooking" and out["answered"]
+    assert {c["doc_id"] for c in out["citations"]} <= {"c1", "c2", "c3"}
+    assert "[1]" in out["text"]
+    r = run("route", "ask", "anything", "--expert", "nosuch")
+    assert r.exit_code == 1 and "unknown expert 'nosuch'" in r.output

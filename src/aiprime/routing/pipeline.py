@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from aiprime.embed import Embedder
 from aiprime.routing.experts import Expert, RoutingError, build_experts
 from aiprime.routing.router import QueryRouter, Route
 from aiprime.store import Hit
+
+if TYPE_CHECKING:
+    from aiprime.rag.answer import Answer
 
 
 @dataclass
@@ -280,6 +283,19 @@ class RoutedSearch:
         hits = fuse_experts(results, k, self.settings.routing.fusion_rrf_k, probs)
         ms = {"route": 1000 * (t1 - t0), "experts": 1000 * (t2 - t1)}
         return RoutedResult(query, hits, self.names, probs, False, ms)
+
+    def ask(
+        self, question: str, *, expert: str | None = None, llm: Any = None
+    ) -> tuple[str, Answer]:
+        """Answer with one expert: the named one, else the router's most probable (with an
+        unsure or untrained router that is a guess, and the expert's own no-answer gate
+        decides). The expert's own re-rankers, calibration and ``answer_model`` apply."""
+        if expert is None:
+            route = self.route([question])[0]
+            expert = self.names[max(range(len(self.names)), key=lambda i: route.probs[i])]
+        elif expert not in self.by_name:
+            raise RoutingError(f"unknown expert {expert!r}; experts: {self.names}")
+        return expert, self.by_name[expert].kb.ask(question, llm=llm)
 
     # -- learning -----------------------------------------------------------------------------
 
