@@ -21,7 +21,6 @@ os.environ.setdefault("LANCE_LOG", "error")
 
 import numpy as np
 import pytest
-from routing_data import DOMAIN_DOCS, LABELLED
 from typer.testing import CliRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -209,6 +208,8 @@ def make_beir():
 @pytest.fixture
 def domain_home(home: Path, tmp_path: Path, fake_cls) -> Path:
     """A data directory with one collection per domain and a config declaring them."""
+    from routing_data import DOMAIN_DOCS  # imported here: worker processes load this file
+
     from aiprime.config import load_settings
     from aiprime.rag.kb import KnowledgeBase
 
@@ -231,6 +232,8 @@ def domain_home(home: Path, tmp_path: Path, fake_cls) -> Path:
 
 @pytest.fixture
 def labels_file(tmp_path: Path) -> Path:
+    from routing_data import LABELLED
+
     f = tmp_path / "labels.jsonl"
     f.write_text("".join(json.dumps({"query": q, "expert": e}) + "\n" for q, e in LABELLED))
     return f
