@@ -68,6 +68,8 @@ class _State:
 
 state = _State()
 
+BeirDir = Annotated[Path, typer.Argument(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/.")]
+
 
 def settings() -> Settings:
     s = load_settings(state.home)
@@ -359,9 +361,7 @@ def info() -> None:
 
 @eval_app.command("beir")
 def eval_beir(
-    dataset: Annotated[
-        Path, typer.Argument(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/.")
-    ],
+    dataset: BeirDir,
     split: Annotated[str, typer.Option("--split", help="qrels split to report on.")] = "test",
     retriever: Annotated[
         str, typer.Option("--retriever", help="bm25, dense or hybrid.")
@@ -420,9 +420,7 @@ def eval_beir(
 
 @rerank_app.command("train")
 def rerank_train(
-    dataset: Annotated[
-        Path, typer.Argument(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/.")
-    ],
+    dataset: BeirDir,
     split: Annotated[str, typer.Option("--split", help="qrels split to train on.")] = "train",
     out_dir: Annotated[
         Path | None,
@@ -512,9 +510,7 @@ def rerank_train(
 
 @rerank_app.command("calibrate")
 def rerank_calibrate(
-    dataset: Annotated[
-        Path, typer.Argument(help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/.")
-    ],
+    dataset: BeirDir,
     split: Annotated[str, typer.Option("--split", help="qrels split to calibrate on.")] = "train",
     stack: Annotated[
         str,

@@ -30,6 +30,13 @@ class Embedder(Protocol):
     def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
 
+def encode_queries(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
+    """Query vectors: through ``encode_query`` when the embedder has one (the cache skips
+    queries: they rarely repeat, and a write per search costs latency), else ``encode``."""
+    encode = getattr(embedder, "encode_query", embedder.encode)
+    return np.asarray(encode(list(texts)))
+
+
 def resolve_model_path(name: str) -> Path:
     """Map a model name to a local directory, never touching the network.
 

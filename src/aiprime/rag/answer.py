@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from aiprime.embed.base import encode_queries
 from aiprime.rag.chunking import split_sentences
 from aiprime.store import Hit
 
@@ -99,10 +100,15 @@ class Answer:
         return [c for c in self.citations if c.n in used]
 
 
+def says_no_answer(text: str) -> bool:
+    """Whether a composed answer is the no-answer sentence (an LLM may wrap it)."""
+    return NO_ANSWER.rstrip(".") in text
+
+
 # --------------------------------------------------------------------------- answerability
 
 
-def answer_signal(hits: Sequence[Hit], stack_names: Sequence[str], model_id: str) -> str:
+def answer_signal(stack_names: Sequence[str], model_id: str) -> str:
     """Name of the score the gate reads: the re-ranking stack's final score when there is
     one (its scale is the stack's), else the raw dense cosine of the embedding model."""
     if stack_names:
@@ -289,8 +295,8 @@ class ExtractiveComposer:
                     cands.append((c.n, i, s))
         if not cands:
             return []
-        vecs = np.asarray(self.embedder.encode([question] + [s for _, _, s in cands]))
-        sims = vecs[1:] @ vecs[0]
+        q = encode_queries(self.embedder, [question])[0]
+        sims = np.asarray(self.embedder.encode([s for _, _, s in cands])) @ q
         n_cit = max(1, len(citations))
         score = sims + 0.05 * np.array([1.0 - (n - 1) / n_cit for n, _, _ in cands])
         order = np.argsort(-score, kind="stable")
@@ -450,25 +456,27 @@ def ask_stream(
     composer = LLMComposer(llm) if llm is not None else None  # a bad --llm fails first
     model = composer.name if composer is not None else "extractive"
     warnings: list[str] = []
+
+    def refuse(cited: list[Citation]) -> Iterator[str | Answer]:
+        yield NO_ANSWER
+        yield Answer(question, NO_ANSWER, False, cited, model, warnings=warnings, **base)
+
     if threshold is None:
         warnings.append(
             f"no calibrated threshold for {signal!r}: answering without the no-answer check "
             "(run `aiprime rerank calibrate DATASET --split train`)"
         )
     elif not (value >= threshold):  # also catches NaN
-        yield NO_ANSWER
-        yield Answer(question, NO_ANSWER, False, [], model, warnings=warnings, **base)
+        yield from refuse([])
         return
     citations = [Citation.from_hit(i, h) for i, h in enumerate(hits[:top_chunks], start=1)]
     if not citations:
-        yield NO_ANSWER
-        yield Answer(question, NO_ANSWER, False, [], model, warnings=warnings, **base)
+        yield from refuse([])
         return
     if composer is None:
         sentences = ExtractiveComposer(embedder, max_sentences).compose(question, citations)
         if not sentences:
-            yield NO_ANSWER
-            yield Answer(question, NO_ANSWER, False, citations, model, warnings=warnings, **base)
+            yield from refuse(citations)
             return
         text = render(sentences)
         yield text
@@ -480,7 +488,7 @@ def ask_stream(
         parts.append(piece)
         yield piece
     text = "".join(parts).strip()
-    answered = NO_ANSWER.rstrip(".") not in text
+    answered = not says_no_answer(text)
     if filt.removed:
         warnings.append(
             "removed citations to sources that were not given: "

@@ -135,7 +135,7 @@ class KnowledgeBase:
         a = self.settings.answer
         stack = self.reranker if rerank else None
         hits = self.search(question, k=max(a.top_chunks, 10), where=where, rerank=rerank)
-        signal = answer_signal(hits, stack.names if stack else [], self.embedder.model_id)
+        signal = answer_signal(stack.names if stack else [], self.embedder.model_id)
         yield from ask_stream(
             question,
             hits,

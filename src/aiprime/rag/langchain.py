@@ -29,7 +29,7 @@ from langchain_core.runnables import (
 )
 from pydantic import ConfigDict
 
-from aiprime.rag.answer import NO_ANSWER, Citation, CitationFilter, build_messages
+from aiprime.rag.answer import Citation, CitationFilter, build_messages, says_no_answer
 from aiprime.store import Hit
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def _finish(x: dict[str, Any]) -> dict[str, Any]:
     return {
         "question": x["question"],
         "answer": text,
-        "answered": NO_ANSWER.rstrip(".") not in text,
+        "answered": not says_no_answer(text),
         "citations": [asdict(c) for c in cites],
         "removed_citations": filt.removed,
     }

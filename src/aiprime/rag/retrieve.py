@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 
 from aiprime.config import RetrieveSettings
-from aiprime.embed import Embedder
+from aiprime.embed import Embedder, encode_queries
 from aiprime.rag.fusion import rrf, score_mix
 from aiprime.store import Hit, Store
 
@@ -43,8 +43,7 @@ class Retriever:
         return self._fuse(dense, lexical.result())[:k]
 
     def _encode_query(self, texts: list[str]) -> np.ndarray:
-        encode = getattr(self.embedder, "encode_query", self.embedder.encode)
-        return np.asarray(encode(texts))
+        return encode_queries(self.embedder, texts)
 
     def _fuse(self, dense: list[Hit], lexical: list[Hit]) -> list[Hit]:
         s = self.settings

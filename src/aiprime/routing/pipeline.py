@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aiprime.config import Settings
-from aiprime.embed import Embedder
+from aiprime.embed import Embedder, encode_queries
 from aiprime.routing.experts import Expert, RoutingError, build_experts
 from aiprime.routing.router import QueryRouter, Route
 from aiprime.store import Hit
@@ -146,8 +146,7 @@ class SharedQueryEmbedder:
             missing = [t for t in dict.fromkeys(texts) if t not in self._memo]
         found: dict[str, np.ndarray] = {}
         if missing:
-            encode = getattr(self.inner, "encode_query", self.inner.encode)
-            vecs = np.asarray(encode(missing), dtype=np.float32)
+            vecs = np.asarray(encode_queries(self.inner, missing), dtype=np.float32)
             found = dict(zip(missing, vecs, strict=True))
         with self._lock:
             for t, v in found.items():

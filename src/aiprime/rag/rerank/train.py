@@ -220,7 +220,7 @@ def calibrate_answers(
             if progress is not None and stack is not None:
                 progress.advance(1)
         model_id = (embedder.model_id if embedder else None) or _model_id(settings)
-        signal = answer_signal([], stack.names if stack else [], model_id)
+        signal = answer_signal(stack.names if stack else [], model_id)
         pos, neg = gate_examples(ranked, qrels, signal)
         return pos, neg, signal
 
