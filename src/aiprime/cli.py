@@ -551,7 +551,11 @@ def rerank_calibrate(
         err.print("[yellow]warning:[/yellow] calibrating on 'test'; do not report on it")
     s = settings()
     s.ensure_dirs()
+    path = out or s.models_dir / "answer" / CALIBRATION_FILE
     try:
+        # read the existing file first: a corrupt one stops here, before the long run,
+        # and is never overwritten
+        cal = Calibration.load(path) if path.is_file() else Calibration()
         stages = parse_stack(stack) if stack else default_stages(s)
         with progress_bar() as bar:
             prog = RichIngestProgress(bar)
@@ -560,8 +564,6 @@ def rerank_calibrate(
             )
     except (BeirError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    path = out or s.models_dir / "answer" / CALIBRATION_FILE
-    cal = Calibration.load(path) if path.is_file() else Calibration()
     cal.thresholds[result["signal"]] = result
     cal.save(path)
     console.print(

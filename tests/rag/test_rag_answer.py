@@ -217,3 +217,12 @@ def test_cli_ask_prints_cited_answer_and_sources(cli_run, tmp_path: Path) -> Non
     assert data["answered"] and data["citations"]
     r = cli_run("ask", "   ")
     assert r.exit_code == 1 and "question is empty" in r.output
+
+
+def test_cli_calibrate_refuses_a_corrupt_calibration_file(cli_run, home: Path) -> None:
+    bad = home / "models" / "answer" / "calibration.json"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_text("{not json")
+    r = cli_run("rerank", "calibrate", home / "no-such-dataset", "--stack", "none")
+    assert r.exit_code == 1 and "not an answer calibration file" in r.output
+    assert bad.read_text() == "{not json"  # left as it was
