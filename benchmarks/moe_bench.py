@@ -266,6 +266,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "load_average_at_start": os.getloadavg()[0],
         "dtype": args.dtype,
         "reps": reps,
         "warmup": args.warmup,
@@ -302,6 +303,7 @@ def main() -> None:
             f"max|aiprime-hf| {res['max_abs_diff_aiprime_vs_hf']:.2e}",
             flush=True,
         )
+    result["load_average_at_end"] = os.getloadavg()[0]
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
     print(f"wrote {args.out}")

@@ -187,15 +187,16 @@ class _SwiGLU(torch.autograd.Function):
 
     On CPU, fresh large buffers cost more (page faults) than the arithmetic, and eager
     autograd allocates one per elementwise op; this version allocates one buffer forward
-    and two backward. It saves only the grouped-matmul output it already holds.
+    and one backward (the input gradient, which it fills in place). It saves only the
+    grouped-matmul output it already holds.
     """
 
     @staticmethod
     def forward(ctx: Any, gate_up: Tensor, scale: Tensor | None) -> Tensor:
         f = gate_up.shape[-1] // 2
         gate, up = gate_up[:, :f], gate_up[:, f:]
-        h = torch.sigmoid(gate)
-        h.mul_(gate).mul_(up)
+        h = F.silu(gate)
+        h.mul_(up)
         if scale is not None:
             scale = scale.to(h.dtype).unsqueeze(-1)
             h.mul_(scale)
@@ -209,19 +210,15 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = gate_up[:, :f], gate_up[:, f:]
         d_gate_up = torch.empty_like(gate_up)
         d_gate, d_up = d_gate_up[:, :f], d_gate_up[:, f:]
-        torch.sigmoid(gate, out=d_gate)  # sg
-        torch.mul(d_gate, gate, out=d_up)  # silu = gate * sg
-        d_silu = dh * up
+        torch.mul(dh, up, out=d_gate)  # dL/dsilu, before the scale
+        torch.ops.aten.silu.out(gate, out=d_up)
         d_scale = None
         if scale is not None and ctx.needs_input_grad[1]:
-            d_scale = torch.einsum("rf,rf->r", d_silu, d_up).to(scale.dtype)
-        if scale is not None:
-            d_silu.mul_(scale)
-        # silu'(g) = sg * (1 + g - silu) = sg - sg * silu + silu
-        d_gate.addcmul_(d_gate, d_up, value=-1.0).add_(d_up).mul_(d_silu)
+            d_scale = torch.einsum("rf,rf->r", d_gate, d_up).to(scale.dtype)
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
         d_up.mul_(dh)
         if scale is not None:
-            d_up.mul_(scale)
+            d_gate_up.mul_(scale)
         return d_gate_up, d_scale
 
 
@@ -251,6 +248,11 @@ class GroupedExperts(nn.Module):
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, n_in))
         self.w_out = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         self.reset_parameters()
+
+    @property
+    def gates_hidden(self) -> bool:
+        """Whether gates scale the hidden activation (narrower than the output, ``f <= d``)."""
+        return self.d_ff <= self.d_model
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.w_in, std=1.0 / math.sqrt(self.d_model))
@@ -285,7 +287,7 @@ class GroupedExperts(nn.Module):
 
     def _forward_grouped(self, x: Tensor, offsets: Tensor, scale: Tensor | None) -> Tensor:
         h = grouped_mm(x, self.w_in, offsets)
-        early = scale is not None and self.d_ff <= self.d_model
+        early = scale is not None and self.gates_hidden
         h = self._activation(h, scale if early else None)
         y = grouped_mm(h, self.w_out, offsets)
         if scale is not None and not early:
@@ -296,7 +298,7 @@ class GroupedExperts(nn.Module):
         n_exp, d = self.n_experts, self.d_model
         xp = x.new_zeros(n_exp * m, d).index_copy(0, dest, x.to(self.w_in.dtype))
         h = torch.bmm(xp.view(n_exp, m, d), self.w_in).view(n_exp * m, -1)
-        early = scale is not None and self.d_ff <= self.d_model
+        early = scale is not None and self.gates_hidden
         sp = None
         if early:
             assert scale is not None

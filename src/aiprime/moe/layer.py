@@ -89,7 +89,12 @@ class MoELayer(nn.Module):
 
             y = expert_parallel_forward(self.experts, flat, plan, self.ep_group)
         else:
-            y = unpermute(self.experts(permute(flat, plan), plan.offsets, plan.weights), plan, n)
+            xs = permute(flat, plan)
+            if flat.device.type == "cpu" and not self.experts.gates_hidden:
+                # the gate multiply rides along in the un-permute's gather-sum
+                y = unpermute(self.experts(xs, plan.offsets), plan, n, plan.weights)
+            else:
+                y = unpermute(self.experts(xs, plan.offsets, plan.weights), plan, n)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
 
