@@ -129,6 +129,13 @@ def eval_cmd(
         Path | None, typer.Option("--model", help="Model directory (default: models/mm).")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the metrics as JSON.")] = None,
+    flip_tta: Annotated[
+        bool | None,
+        typer.Option(
+            "--flip-tta/--no-flip-tta",
+            help="Override the model's test-time augmentation (image + mirror).",
+        ),
+    ] = None,
 ) -> None:
     """Recall@1/5/10, text→image and image→text, on a gallery of up to 1,000 pairs."""
     from aiprime.multimodal.data import DataError
@@ -137,7 +144,7 @@ def eval_cmd(
     if split not in ("train", "val", "test"):
         _fail(f"--split {split!r}: choose train, val or test")
     try:
-        res = evaluate_dir(_model_dir(model), data, _cache_dir(), split)
+        res = evaluate_dir(_model_dir(model), data, _cache_dir(), split, flip_tta=flip_tta)
     except (DataError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     for msg in res["skipped_images"]:

@@ -78,6 +78,41 @@ def test_minilm_cnn_locked_and_round_trip(tmp_path: Path) -> None:
     assert torch.allclose(m2.encode_image(img), m.encode_image(img), atol=1e-6)
 
 
+def test_flip_tta_averages_the_mirror_at_inference_only(tmp_path: Path) -> None:
+    from aiprime.multimodal.model import model_id
+
+    torch.manual_seed(0)
+    m = DualEncoder(ModelConfig(image_size=32, cnn_width=8, embed_dim=16))
+    save_model(m, tmp_path / "m")
+    img = torch.rand(3, 3, 32, 32)
+    plain = load_model(tmp_path / "m")
+    tta = load_model(tmp_path / "m", flip_tta=True)
+    a, b = plain.encode_image(img), plain.encode_image(img.flip(-1))
+    assert not torch.allclose(a, b, atol=1e-3)  # the CNN is not mirror-invariant
+    torch.testing.assert_close(tta.encode_image(img), F.normalize(a + b, dim=-1))
+    # an image and its mirror get the same embedding
+    torch.testing.assert_close(tta.encode_image(img), tta.encode_image(img.flip(-1)))
+    tta.train()  # training sees single views (augmentation already flips)
+    tta.image_backbone.eval()  # type: ignore[union-attr]  # BatchNorm: same statistics
+    torch.testing.assert_close(tta.encode_image(img), a)
+    # an index built with one setting is not queried with the other
+    save_model(tta, tmp_path / "t")
+    assert model_id(tmp_path / "t").endswith("+flip")
+    assert model_id(tmp_path / "m") == model_id(tmp_path / "t").removesuffix("+flip")
+
+
+def test_init_from_run_settings_override_only_what_they_set() -> None:
+    # a stage-2 config (init_from) changes locking and, when it says so, flip_tta and the
+    # CNN's input size; everything it does not set comes from the loaded model
+    from aiprime.multimodal.train import _relock
+
+    m = DualEncoder(ModelConfig(image_size=32, cnn_width=8, embed_dim=16, flip_tta=True))
+    _relock(m, ModelConfig(text_trainable_layers=0))
+    assert m.cfg.flip_tta and m.image_size == 32
+    _relock(m, ModelConfig(flip_tta=False, image_size=40))
+    assert not m.cfg.flip_tta and m.image_size == m.cfg.image_size == 40
+
+
 def test_partial_unlock_last_layer() -> None:
     m = DualEncoder(ModelConfig(cnn_width=8, embed_dim=16, text_trainable_layers=1))
     names = [n for n, p in m.named_parameters() if p.requires_grad and "text_backbone" in n]

@@ -63,14 +63,16 @@ def evaluate_dir(
     split: str = "test",
     data_cfg: DataConfig | None = None,
     progress: Callable[[int], None] | None = None,
+    flip_tta: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved model on ``split`` of a dataset, with the data settings it was
-    trained with (so the split is the same) unless ``data_cfg`` overrides them."""
+    trained with (so the split is the same) unless ``data_cfg`` overrides them;
+    ``flip_tta`` overrides the model's test-time augmentation."""
     from aiprime.multimodal.model import read_meta
 
     meta = read_meta(model_dir)
     cfg = data_cfg or DataConfig(**meta.get("data", {}))
-    model = load_model(model_dir)
+    model = load_model(model_dir, flip_tta)
     pairs = split_pairs(load_pairs(data_dir, cfg), cfg)[split]
     gal = gallery(pairs, cfg.gallery_size)
     pixels, idx, errors = image_cache(gal, model.image_size, cache_dir, progress)
@@ -82,6 +84,7 @@ def evaluate_dir(
             "gallery": len(kept),
             "skipped_images": [str(e) for e in errors],
             "model": str(model_dir),
+            "flip_tta": model.cfg.flip_tta,
             "data": str(data_dir),
         }
     )

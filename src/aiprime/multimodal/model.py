@@ -48,6 +48,11 @@ class ModelConfig(BaseModel):
     text_max_length: int = Field(32, ge=4)
     text_trainable_layers: int | None = Field(0, description="0 locked, N last N, None all.")
     image_trainable_layers: int | None = Field(None, description="For a pretrained image tower.")
+    flip_tta: bool = Field(
+        False,
+        description="Embed images as the mean of the image and its mirror at inference "
+        "(2x image compute; training is unchanged).",
+    )
     loss: Literal["infonce", "siglip"] = "infonce"
     init_temperature: float = Field(0.07, gt=0.0)
     learn_temperature: bool = True
@@ -305,6 +310,14 @@ class DualEncoder(nn.Module):
         return self.image_backbone(pixel_values=pixels).pooler_output
 
     def encode_image(self, pixels: Tensor) -> Tensor:
+        if self.cfg.flip_tta and not self.training:
+            # test-time augmentation: product photos are left/right symmetric in meaning,
+            # so the mirror is a second view; one batched forward for both
+            z = self._embed_image(torch.cat([pixels, pixels.flip(-1)]))
+            return F.normalize(z[: len(pixels)] + z[len(pixels) :], dim=-1)
+        return self._embed_image(pixels)
+
+    def _embed_image(self, pixels: Tensor) -> Tensor:
         return F.normalize(self.image_head(self.image_features(pixels)), dim=-1)
 
     # -- loss ---------------------------------------------------------------------------
@@ -383,10 +396,13 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: Path) -> DualEncoder:
-    """Rebuild from the saved configs, then load every weight strictly."""
+def load_model(path: Path, flip_tta: bool | None = None) -> DualEncoder:
+    """Rebuild from the saved configs, then load every weight strictly; ``flip_tta``
+    overrides the saved test-time augmentation (to measure it before adopting it)."""
     path = Path(path)
     cfg = ModelConfig(**read_meta(path)["model"])
+    if flip_tta is not None:
+        cfg = cfg.model_copy(update={"flip_tta": flip_tta})
     model = DualEncoder(cfg, _weights=False, _dir=path)
     model.load_state_dict(load_file(str(path / MODEL_FILE)), strict=True)
     model.eval()
@@ -403,4 +419,6 @@ def model_id(path: Path) -> str:
     with (Path(path) / MODEL_FILE).open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    return f"mm:{h.hexdigest()[:16]}"
+    # image embeddings also depend on test-time augmentation
+    tta = "+flip" if ModelConfig(**read_meta(path)["model"]).flip_tta else ""
+    return f"mm:{h.hexdigest()[:16]}{tta}"

@@ -287,7 +287,8 @@ def train(
 
 
 def _relock(model: DualEncoder, cfg: ModelConfig) -> DualEncoder:
-    """Apply this run's locking and loss to a loaded model (architecture unchanged)."""
+    """Apply this run's locking, loss and test-time augmentation to a loaded model
+    (architecture unchanged)."""
     from aiprime.multimodal.model import lock
 
     model.cfg = model.cfg.model_copy(
@@ -296,6 +297,8 @@ def _relock(model: DualEncoder, cfg: ModelConfig) -> DualEncoder:
             "image_trainable_layers": cfg.image_trainable_layers,
         }
     )
+    if "flip_tta" in cfg.model_fields_set:
+        model.cfg = model.cfg.model_copy(update={"flip_tta": cfg.flip_tta})
     if "image_size" in cfg.model_fields_set and isinstance(model.image_backbone, SmallCNN):
         # the CNN pools globally, so it can continue at another resolution (FixRes-style)
         model.image_size = cfg.image_size
