@@ -205,6 +205,7 @@ def make_beir():
 
 # -- routing: three tiny domain collections declared as experts (tests/routing_data.py) --
 
+
 @pytest.fixture
 def domain_home(home: Path, tmp_path: Path, fake_cls) -> Path:
     """A data directory with one collection per domain and a config declaring them."""

@@ -100,6 +100,19 @@ def test_search_on_empty_store(run) -> None:
     assert r.exit_code == 0 and "no results" in r.stdout
 
 
+def test_ask_on_empty_store_refuses() -> None:
+    # nothing retrieved: the signal is NaN, shown as "n/a", never as "nan"
+    from aiprime.rag.answer import NO_ANSWER, Answer
+
+    a = Answer("q", NO_ANSWER, False, [], "extractive", signal="dense", confidence=float("nan"))
+    assert cli._confidence_line(a) is None  # no threshold: nothing to show
+    a.threshold = 0.485
+    line = cli._confidence_line(a)
+    assert line is not None and "n/a (nothing retrieved)" in line and "nan" not in line
+    a.confidence = 0.61
+    assert cli._confidence_line(a) == "extractive · dense 0.610 (threshold 0.485)"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -28,6 +29,9 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from aiprime.rag.answer import Answer
 
 from aiprime.config import Settings, load_settings
 from aiprime.rag.ingest import Progress
@@ -271,6 +275,18 @@ def search(
         console.print("   " + escape(snippet[:300] + ("…" if len(snippet) > 300 else "")))
 
 
+def _confidence_line(answer: Answer) -> str | None:
+    """The answerability signal against its threshold; an empty retrieval has no score."""
+    if answer.confidence is None or answer.threshold is None:
+        return None
+    conf = (
+        f"{answer.confidence:.3f}"
+        if math.isfinite(answer.confidence)
+        else "n/a (nothing retrieved)"
+    )
+    return f"{answer.model} · {answer.signal} {conf} (threshold {answer.threshold:.3f})"
+
+
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="A question about the knowledge base.")],
@@ -313,11 +329,9 @@ def ask(
         console.print()
     for w in answer.warnings:
         err.print(f"[yellow]note:[/yellow] {escape(w)}")
-    if answer.confidence is not None and answer.threshold is not None:
-        console.print(
-            f"[dim]{answer.model} · {answer.signal} {answer.confidence:.3f} "
-            f"(threshold {answer.threshold:.3f})[/dim]"
-        )
+    line = _confidence_line(answer)
+    if line:
+        console.print(f"[dim]{escape(line)}[/dim]")
     used = answer.used_citations()
     if used:
         console.print("[bold]Sources[/bold]")
@@ -515,8 +529,9 @@ def rerank_calibrate(
     stack: Annotated[
         str,
         typer.Option(
-            "--stack", help="Stages whose score is gated: none (dense cosine), lr, "
-            "lr+cross-encoder, ... (default: what `ask` uses now)."
+            "--stack",
+            help="Stages whose score is gated: none (dense cosine), lr, "
+            "lr+cross-encoder, ... (default: what `ask` uses now).",
         ),
     ] = "",
     max_queries: Annotated[

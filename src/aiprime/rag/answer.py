@@ -178,8 +178,7 @@ def choose_threshold(
     n = np.asarray([x for x in neg if math.isfinite(x)], dtype=np.float64)
     if len(p) == 0 or len(n) == 0:
         raise ValueError(
-            f"calibration needs both kinds of examples (answerable {len(p)}, unanswerable "
-            f"{len(n)})"
+            f"calibration needs both kinds of examples (answerable {len(p)}, unanswerable {len(n)})"
         )
     if keep is not None:
         if not 0.0 < keep <= 1.0:
@@ -277,9 +276,7 @@ class ExtractiveComposer:
 
     name = "extractive"
 
-    def __init__(
-        self, embedder: Embedder, max_sentences: int = 4, margin: float = 0.12
-    ) -> None:
+    def __init__(self, embedder: Embedder, max_sentences: int = 4, margin: float = 0.12) -> None:
         self.embedder = embedder
         self.max_sentences = max_sentences
         self.margin = margin
@@ -327,9 +324,7 @@ def build_messages(question: str, citations: Sequence[Citation]) -> list[BaseMes
     turn, so nothing a document says can reach the system prompt or escape its quotes."""
     from langchain_core.messages import HumanMessage, SystemMessage
 
-    sources = [
-        {"id": c.n, "title": c.title, "source": c.source, "text": c.text} for c in citations
-    ]
+    sources = [{"id": c.n, "title": c.title, "source": c.source, "text": c.text} for c in citations]
     user = (
         "Question (answer it from the sources below):\n"
         + json.dumps(question, ensure_ascii=False)
