@@ -165,3 +165,76 @@ def test_config_validation_and_fine_grained() -> None:
     ):
         with pytest.raises(ValueError):
             dataclasses.replace(BASE, **bad)  # type: ignore[arg-type]
+
+
+def _grads(layer: MoELayer, xs: list[torch.Tensor], schedule: str) -> list[torch.Tensor]:
+    """Gradients of every parameter and input under a call pattern:
+    ``steps``: fwd+bwd three times; ``overlap``: two forwards whose graphs are alive
+    together, then both backwards; ``twice``: the layer applied twice in one graph."""
+    layer.zero_grad(set_to_none=True)
+    ins = [x.clone().requires_grad_(True) for x in xs]
+    g = torch.linspace(-1, 1, xs[0].numel()).view_as(xs[0])
+    if schedule == "steps":
+        for x in ins:
+            (layer(x)[0] * g).sum().backward()
+    elif schedule == "overlap":
+        ys = [layer(x)[0] for x in ins[:2]]
+        for y in ys:
+            (y * g).sum().backward()
+    else:
+        y, _ = layer(ins[0])
+        (layer(y + ins[1])[0] * g).sum().backward()
+    out = [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+    return out + [x.grad.clone() for x in ins if x.grad is not None]
+
+
+@pytest.mark.parametrize("mode", ["mixtral_k2", "fine_grained", "capacity_drop", "late_gates"])
+@pytest.mark.parametrize("schedule", ["steps", "overlap", "twice"])
+def test_cpu_workspace_never_changes_gradients(mode: str, schedule: str) -> None:
+    import copy
+
+    overrides = dict(d_ff=32) if mode == "late_gates" else MODES[mode]  # f > d: gates in combine
+    layer = _make(**overrides)  # type: ignore[arg-type]
+    plain = copy.deepcopy(layer)
+    plain.experts._workspace = None  # type: ignore[assignment]
+    torch.manual_seed(1)
+    xs = [torch.randn(12, 16) for _ in range(3)]
+    got, ref = _grads(layer, xs, schedule), _grads(plain, xs, schedule)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_workspace_reuses_free_buffers_only() -> None:
+    from aiprime.moe.workspace import Workspace
+
+    ws = Workspace()
+    like = torch.empty(0)
+    a = ws.take("k", (4, 8), like)
+    assert ws.take("k", (4, 8), like) is a  # nothing else holds it
+    x = torch.randn(4, 8, requires_grad=True)
+    y = x * a  # autograd saves `a`
+    b = ws.take("k", (4, 8), like)
+    assert b is not a
+    del y
+    view = b[:2]
+    assert ws.take("k", (4, 8), like) is not b  # a live view shares its storage
+    del view
+    assert ws.take("k", (4, 16), like).shape == (4, 16)  # another shape: a new buffer
+    # a layer's steps reuse the same gradient buffers
+    layer = _make(**MODES["fine_grained"])  # type: ignore[arg-type]
+    x = torch.randn(12, 16)
+    ptrs = []
+    for _ in range(3):
+        layer(x.clone().requires_grad_(True))[0].sum().backward()
+        bufs = layer.experts._workspace._local.bufs  # type: ignore[union-attr]
+        ptrs.append(sorted(buf.data_ptr() for buf, _ in bufs.values()))
+    assert len(ptrs[0]) == 2 and ptrs[0] == ptrs[1] == ptrs[2]
+    assert copy_is_empty(layer)
+
+
+def copy_is_empty(layer: MoELayer) -> bool:
+    import copy
+
+    clone = copy.deepcopy(layer)
+    return not clone.experts._workspace._local.__dict__  # type: ignore[union-attr]

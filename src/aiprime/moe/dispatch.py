@@ -6,12 +6,14 @@ Everything is vectorised (argsort + cumulative counts); there is no loop over ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .losses import expert_counts
+from .workspace import Workspace
 
 
 @dataclass
@@ -132,7 +134,11 @@ def combine_index(plan: DispatchPlan, n_tokens: int) -> tuple[Tensor, Tensor | N
 
 
 def unpermute(
-    y: Tensor, plan: DispatchPlan, n_tokens: int, weights: Tensor | None = None
+    y: Tensor,
+    plan: DispatchPlan,
+    n_tokens: int,
+    weights: Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """Sum expert-sorted rows ``[S, d]`` back into ``[N, d]``, optionally scaled by ``weights``.
 
@@ -142,19 +148,56 @@ def unpermute(
     if n_tokens == 0:
         return y.new_zeros(0, y.shape[-1])
     if y.device.type == "cpu":
-        return gather_sum(y, plan, n_tokens, weights)
+        return gather_sum(y, plan, n_tokens, weights, workspace)
     return scatter_sum(y, plan, n_tokens, weights)
 
 
-def gather_sum(y: Tensor, plan: DispatchPlan, n_tokens: int, weights: Tensor | None) -> Tensor:
+def gather_sum(
+    y: Tensor,
+    plan: DispatchPlan,
+    n_tokens: int,
+    weights: Tensor | None,
+    workspace: Workspace | None = None,
+) -> Tensor:
     """:func:`unpermute` as one ``embedding_bag``: a gather-sum per token, with the gates as
     per-sample weights. It writes only the ``[N, d]`` result; on CPU, where every fresh large
     buffer is paid in page faults, that beats :func:`scatter_sum`'s two ``[S, d]`` buffers
-    per forward and backward (fine-grained benchmark shape: 73 -> 26 ms fwd+bwd)."""
+    per forward and backward (fine-grained benchmark shape: 73 -> 26 ms fwd+bwd). The
+    backward gathers the output gradient back to the rows, into ``workspace`` when given."""
     idx, offsets = combine_index(plan, n_tokens)
-    psw = None if weights is None else weights.to(y.dtype)[idx]
-    out: Tensor = F.embedding_bag(idx, y, offsets, mode="sum", per_sample_weights=psw)
+    out: Tensor = _GatherSum.apply(y, weights, idx, offsets, plan.token_idx, workspace)
     return out
+
+
+class _GatherSum(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        y: Tensor,
+        weights: Tensor | None,
+        idx: Tensor,
+        offsets: Tensor | None,
+        token_idx: Tensor,
+        workspace: Workspace | None,
+    ) -> Tensor:
+        psw = None if weights is None else weights.to(y.dtype)[idx]
+        ctx.save_for_backward(y if weights is not None else None, weights, token_idx)
+        ctx.workspace = workspace
+        return F.embedding_bag(idx, y, offsets, mode="sum", per_sample_weights=psw)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        y, weights, token_idx = ctx.saved_tensors
+        grad = grad.contiguous()
+        shape = (token_idx.numel(), grad.shape[-1])
+        rows = ctx.workspace.take("unpermute.grad", shape, grad) if ctx.workspace else None
+        rows = torch.index_select(grad, 0, token_idx, out=rows)
+        d_w = None
+        if weights is not None:
+            if ctx.needs_input_grad[1]:
+                d_w = torch.linalg.vecdot(rows, y).to(weights.dtype)
+            rows.mul_(weights.to(rows.dtype).unsqueeze(-1))
+        return rows, d_w, None, None, None, None
 
 
 def scatter_sum(y: Tensor, plan: DispatchPlan, n_tokens: int, weights: Tensor | None) -> Tensor:

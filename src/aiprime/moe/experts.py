@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Activation
+from .workspace import Workspace
 
 _GMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -192,7 +193,9 @@ class _SwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, gate_up: Tensor, scale: Tensor | None) -> Tensor:
+    def forward(
+        ctx: Any, gate_up: Tensor, scale: Tensor | None, workspace: Workspace | None
+    ) -> Tensor:
         f = gate_up.shape[-1] // 2
         gate, up = gate_up[:, :f], gate_up[:, f:]
         h = F.silu(gate)
@@ -201,14 +204,18 @@ class _SwiGLU(torch.autograd.Function):
             scale = scale.to(h.dtype).unsqueeze(-1)
             h.mul_(scale)
         ctx.save_for_backward(gate_up, scale)
+        ctx.workspace = workspace
         return h
 
     @staticmethod
-    def backward(ctx: Any, dh: Tensor) -> tuple[Tensor, Tensor | None]:
+    def backward(ctx: Any, dh: Tensor) -> tuple[Tensor, Tensor | None, None]:
         gate_up, scale = ctx.saved_tensors
         f = gate_up.shape[-1] // 2
         gate, up = gate_up[:, :f], gate_up[:, f:]
-        d_gate_up = torch.empty_like(gate_up)
+        ws = ctx.workspace
+        d_gate_up = (
+            ws.take("swiglu.grad", gate_up.shape, gate_up) if ws else torch.empty_like(gate_up)
+        )
         d_gate, d_up = d_gate_up[:, :f], d_gate_up[:, f:]
         torch.mul(dh, up, out=d_gate)  # dL/dsilu, before the scale
         torch.ops.aten.silu.out(gate, out=d_up)
@@ -219,12 +226,15 @@ class _SwiGLU(torch.autograd.Function):
         d_up.mul_(dh)
         if scale is not None:
             d_gate_up.mul_(scale)
-        return d_gate_up, d_scale
+        return d_gate_up, d_scale, None
 
 
-def swiglu(gate_up: Tensor, scale: Tensor | None = None) -> Tensor:
-    """``silu(gate_up[:, :f]) * gate_up[:, f:]``, optionally times ``scale[:, None]``."""
-    out: Tensor = _SwiGLU.apply(gate_up, scale)
+def swiglu(
+    gate_up: Tensor, scale: Tensor | None = None, workspace: Workspace | None = None
+) -> Tensor:
+    """``silu(gate_up[:, :f]) * gate_up[:, f:]``, optionally times ``scale[:, None]``; the
+    input gradient is written into ``workspace`` when given."""
+    out: Tensor = _SwiGLU.apply(gate_up, scale, workspace)
     return out
 
 
@@ -247,7 +257,12 @@ class GroupedExperts(nn.Module):
         n_in = 2 * d_ff if activation == "swiglu" else d_ff
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, n_in))
         self.w_out = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        self._workspace = Workspace()
         self.reset_parameters()
+
+    def cpu_workspace(self) -> Workspace | None:
+        """Buffers reused across steps for the large CPU gradients (eager mode only)."""
+        return None if torch.compiler.is_compiling() else self._workspace
 
     @property
     def gates_hidden(self) -> bool:
@@ -278,7 +293,7 @@ class GroupedExperts(nn.Module):
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up
             else:
-                return swiglu(h, scale)
+                return swiglu(h, scale, self.cpu_workspace())
         else:
             h = F.gelu(h)
         if scale is not None:

@@ -90,11 +90,12 @@ class MoELayer(nn.Module):
             y = expert_parallel_forward(self.experts, flat, plan, self.ep_group)
         else:
             xs = permute(flat, plan)
+            ws = self.experts.cpu_workspace()
             if flat.device.type == "cpu" and not self.experts.gates_hidden:
                 # the gate multiply rides along in the un-permute's gather-sum
-                y = unpermute(self.experts(xs, plan.offsets), plan, n, plan.weights)
+                y = unpermute(self.experts(xs, plan.offsets), plan, n, plan.weights, ws)
             else:
-                y = unpermute(self.experts(xs, plan.offsets, plan.weights), plan, n)
+                y = unpermute(self.experts(xs, plan.offsets, plan.weights), plan, n, workspace=ws)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
 

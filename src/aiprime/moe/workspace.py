@@ -1,0 +1,69 @@
+"""Reusable CPU buffers for the MoE layer's large per-step gradients.
+
+PyTorch has no caching allocator on CPU: every multi-MiB tensor is a fresh ``mmap`` from
+glibc (above 32 MiB always), paid in page faults on first write and ``munmap`` on free. A
+fine-grained layer's backward makes several ``[N·k, ·]`` gradient buffers per step, so
+reusing them is worth a few percent of the layer's time. A buffer is handed out again only
+when nothing else holds it (its tensor and storage reference counts are back to what they
+were when it was made), so a graph that is still alive, a second call of the same layer in
+one step, or another thread never sees its buffer overwritten; it then gets a fresh one.
+Only gradients returned from ``backward`` come from here, never a forward output that
+autograd would attach history to.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _refs(t: Tensor) -> tuple[int, int] | None:
+    """Tensor and storage reference counts, through private torch APIs (their behaviour is
+    checked by tests/moe); without them nothing is ever reused."""
+    try:
+        uses: int = t._use_count()  # type: ignore[attr-defined]
+        return uses, torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    except AttributeError:
+        return None
+
+
+class Workspace:
+    """Named buffers, per thread; ``take`` returns an uninitialised tensor."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def take(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        bufs: dict[str, tuple[Tensor, tuple[int, int] | None]] = self._local.__dict__.setdefault(
+            "bufs", {}
+        )
+        entry = bufs.get(key)
+        if entry is not None:
+            buf, free = entry
+            if (
+                buf.shape == shape
+                and buf.dtype == like.dtype
+                and buf.device == like.device
+                and free is not None
+                and _refs(buf) == free
+            ):
+                return buf
+        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        bufs[key] = (buf, _refs(buf))
+        return buf
+
+    def clear(self) -> None:
+        self._local = threading.local()
+
+    # a copied or pickled module starts with an empty workspace
+    def __deepcopy__(self, memo: dict[int, Any]) -> Workspace:
+        return Workspace()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._local = threading.local()
