@@ -190,6 +190,11 @@ def measure_memory_child(
     _, fwd_bwd = step_fns(mods, x, grad)[impl]
     fwd_bwd()  # warm-up: thread pools, lazy init
     clear_grads(mods, x)
+    if impl == "aiprime":
+        # buffers kept across steps must count: let the measured step allocate them afresh
+        ws = mods[impl].experts.cpu_workspace()  # type: ignore[operator]
+        if ws is not None:
+            ws.clear()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -190,7 +190,7 @@ class _GatherSum(torch.autograd.Function):
         y, weights, token_idx = ctx.saved_tensors
         grad = grad.contiguous()
         shape = (token_idx.numel(), grad.shape[-1])
-        rows = ctx.workspace.take("unpermute.grad", shape, grad) if ctx.workspace else None
+        rows = ctx.workspace.take(shape, grad) if ctx.workspace else None
         rows = torch.index_select(grad, 0, token_idx, out=rows)
         d_w = None
         if weights is not None:

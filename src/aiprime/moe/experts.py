@@ -213,9 +213,7 @@ class _SwiGLU(torch.autograd.Function):
         f = gate_up.shape[-1] // 2
         gate, up = gate_up[:, :f], gate_up[:, f:]
         ws = ctx.workspace
-        d_gate_up = (
-            ws.take("swiglu.grad", gate_up.shape, gate_up) if ws else torch.empty_like(gate_up)
-        )
+        d_gate_up = ws.take(gate_up.shape, gate_up) if ws else torch.empty_like(gate_up)
         d_gate, d_up = d_gate_up[:, :f], d_gate_up[:, f:]
         torch.mul(dh, up, out=d_gate)  # dL/dsilu, before the scale
         torch.ops.aten.silu.out(gate, out=d_up)

@@ -31,29 +31,31 @@ def _refs(t: Tensor) -> tuple[int, int] | None:
 
 
 class Workspace:
-    """Named buffers, per thread; ``take`` returns an uninitialised tensor."""
+    """Per-thread pools of buffers by shape and dtype; ``take`` returns an uninitialised
+    tensor. Same-shaped buffers whose uses do not overlap (the un-permute gradient is
+    consumed before SwiGLU's is made) share one, so the layer's peak memory does not grow."""
+
+    max_per_shape = 4
 
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def take(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        bufs: dict[str, tuple[Tensor, tuple[int, int] | None]] = self._local.__dict__.setdefault(
-            "bufs", {}
-        )
-        entry = bufs.get(key)
-        if entry is not None:
-            buf, free = entry
-            if (
-                buf.shape == shape
-                and buf.dtype == like.dtype
-                and buf.device == like.device
-                and free is not None
-                and _refs(buf) == free
-            ):
+    def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        pools: dict[Any, list[tuple[Tensor, tuple[int, int] | None]]]
+        pools = self._local.__dict__.setdefault("pools", {})
+        pool = pools.setdefault((tuple(shape), like.dtype, like.device), [])
+        for buf, free in pool:
+            if free is not None and _refs(buf) == free:
                 return buf
         buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-        bufs[key] = (buf, _refs(buf))
+        if len(pool) < self.max_per_shape:
+            pool.append((buf, _refs(buf)))
         return buf
+
+    def nbytes(self) -> int:
+        """Bytes this thread's pools hold."""
+        pools = self._local.__dict__.get("pools", {})
+        return sum(b.nbytes for pool in pools.values() for b, _ in pool)
 
     def clear(self) -> None:
         self._local = threading.local()
