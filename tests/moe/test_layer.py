@@ -195,7 +195,7 @@ def test_cpu_workspace_never_changes_gradients(mode: str, schedule: str) -> None
     overrides = dict(d_ff=32) if mode == "late_gates" else MODES[mode]  # f > d: gates in combine
     layer = _make(**overrides)  # type: ignore[arg-type]
     plain = copy.deepcopy(layer)
-    plain.experts._workspace = None  # type: ignore[assignment]
+    plain.experts.workspace = None
     torch.manual_seed(1)
     xs = [torch.randn(12, 16) for _ in range(3)]
     got, ref = _grads(layer, xs, schedule), _grads(plain, xs, schedule)
@@ -224,13 +224,18 @@ def test_cpu_workspace_reuses_free_buffers_only() -> None:
     assert ws.nbytes() == 4 * (32 + 32 + 64)
     # a layer's steps reuse the same buffers; at the fine-grained shape the un-permute
     # gradient [N·k, d] and SwiGLU's [N·k, 2f] have one shape and share one buffer
-    layer = _make(d_model=16, d_ff=8, n_experts=16, top_k=4)
+    # (two layers, as in a model, share the process-wide pool)
+    layers = [_make(d_model=16, d_ff=8, n_experts=16, top_k=4) for _ in range(2)]
+    ws = Workspace()
+    for layer in layers:
+        layer.experts.workspace = ws
     x = torch.randn(12, 16)
     ptrs = []
     for _ in range(3):
-        layer(x.clone().requires_grad_(True))[0].sum().backward()
-        pools = layer.experts._workspace._local.pools  # type: ignore[union-attr]
-        ptrs.append(sorted(b.data_ptr() for pool in pools.values() for b, _ in pool))
+        h = x.clone().requires_grad_(True)
+        for layer in layers:
+            h = h + layer(h)[0]
+        h.sum().backward()
+        ptrs.append(sorted(b.data_ptr() for pool in ws._local.pools.values() for b, _ in pool))
     assert len(ptrs[0]) == 1 and ptrs[0] == ptrs[1] == ptrs[2]
-    clone = copy.deepcopy(layer)
-    assert clone.experts._workspace.nbytes() == 0  # type: ignore[union-attr]
+    assert copy.deepcopy(layers[0]).experts.workspace is ws

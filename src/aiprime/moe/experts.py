@@ -236,6 +236,11 @@ def swiglu(
     return out
 
 
+# One pool for every layer: their backward passes run one after another, so a model holds
+# about one buffer per gradient shape, not one per layer.
+CPU_WORKSPACE = Workspace()
+
+
 class GroupedExperts(nn.Module):
     """``E`` FFN experts with packed weights, run on expert-sorted rows in two grouped matmuls.
 
@@ -255,12 +260,13 @@ class GroupedExperts(nn.Module):
         n_in = 2 * d_ff if activation == "swiglu" else d_ff
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, n_in))
         self.w_out = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
-        self._workspace = Workspace()
+        # None turns buffer reuse off for this layer
+        self.workspace: Workspace | None = CPU_WORKSPACE
         self.reset_parameters()
 
     def cpu_workspace(self) -> Workspace | None:
         """Buffers reused across steps for the large CPU gradients (eager mode only)."""
-        return None if torch.compiler.is_compiling() else self._workspace
+        return None if torch.compiler.is_compiling() else self.workspace
 
     @property
     def gates_hidden(self) -> bool:

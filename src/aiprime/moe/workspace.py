@@ -60,9 +60,9 @@ class Workspace:
     def clear(self) -> None:
         self._local = threading.local()
 
-    # a copied or pickled module starts with an empty workspace
+    # a copied module shares the pool (it holds no model state); an unpickled one is empty
     def __deepcopy__(self, memo: dict[int, Any]) -> Workspace:
-        return Workspace()
+        return self
 
     def __getstate__(self) -> dict[str, Any]:
         return {}
