@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .losses import expert_counts
 from .workspace import Workspace
@@ -186,6 +187,7 @@ class _GatherSum(torch.autograd.Function):
         return F.embedding_bag(idx, y, offsets, mode="sum", per_sample_weights=psw)
 
     @staticmethod
+    @once_differentiable  # in-place arithmetic and reused buffers
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         y, weights, token_idx = ctx.saved_tensors
         grad = grad.contiguous()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .config import Activation
 from .workspace import Workspace
@@ -208,6 +209,7 @@ class _SwiGLU(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable  # in-place arithmetic and reused buffers
     def backward(ctx: Any, dh: Tensor) -> tuple[Tensor, Tensor | None, None]:
         gate_up, scale = ctx.saved_tensors
         f = gate_up.shape[-1] // 2
