@@ -209,17 +209,18 @@ def test_cpu_workspace_reuses_free_buffers_only() -> None:
 
     ws = Workspace()
     like = torch.empty(0)
-    a = ws.take((4, 8), like)
-    assert ws.take((4, 8), like) is a  # nothing else holds it
+    p = ws.take((4, 8), like).data_ptr()
+    assert ws.take((4, 8), like).data_ptr() == p  # nothing holds it any more: reused
     x = torch.randn(4, 8, requires_grad=True)
-    y = x * a  # autograd saves `a`
-    b = ws.take((4, 8), like)
-    assert b is not a
+    y = x * ws.take((4, 8), like)  # autograd saves it
+    assert ws.take((4, 8), like).data_ptr() != p
     del y
-    assert ws.take((4, 8), like) is a  # the graph is gone: `a` is free again
-    view = a[:2]
-    assert ws.take((4, 8), like) is b  # a live view holds `a`; `b` is free
+    assert ws.take((4, 8), like).data_ptr() == p  # the graph is gone: free again
+    view = ws.take((4, 8), like)[:2]
+    assert ws.take((4, 8), like).data_ptr() != p  # a live view holds it
     del view
+    kept = [ws.take((4, 8), like)]  # held from Python only (e.g. a hook that stored it)
+    assert ws.take((4, 8), like).data_ptr() != kept[0].data_ptr() == p
     assert ws.take((4, 16), like).shape == (4, 16)  # another shape: another buffer
     assert ws.nbytes() == 4 * (32 + 32 + 64)
     # a layer's steps reuse the same buffers; at the fine-grained shape the un-permute
@@ -236,6 +237,6 @@ def test_cpu_workspace_reuses_free_buffers_only() -> None:
         for layer in layers:
             h = h + layer(h)[0]
         h.sum().backward()
-        ptrs.append(sorted(b.data_ptr() for pool in ws._local.pools.values() for b, _ in pool))
+        ptrs.append(sorted(e[0].data_ptr() for pool in ws._local.pools.values() for e in pool))
     assert len(ptrs[0]) == 1 and ptrs[0] == ptrs[1] == ptrs[2]
     assert copy.deepcopy(layers[0]).experts.workspace is ws

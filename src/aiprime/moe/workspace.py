@@ -4,8 +4,8 @@ PyTorch has no caching allocator on CPU: every multi-MiB tensor is a fresh ``mma
 glibc (above 32 MiB always), paid in page faults on first write and ``munmap`` on free. A
 fine-grained layer's backward makes several ``[N·k, ·]`` gradient buffers per step, so
 reusing them is worth a few percent of the layer's time. A buffer is handed out again only
-when nothing else holds it (its tensor and storage reference counts are back to what they
-were when it was made), so a graph that is still alive, a second call of the same layer in
+when nothing else holds it (its Python, tensor and storage reference counts are back to what
+they were when it was made), so a graph that is still alive, a second call of the same layer in
 one step, or another thread never sees its buffer overwritten; it then gets a fresh one.
 Only gradients returned from ``backward`` come from here, never a forward output that
 autograd would attach history to.
@@ -13,6 +13,7 @@ autograd would attach history to.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -20,14 +21,15 @@ import torch
 from torch import Tensor
 
 
-def _refs(t: Tensor) -> tuple[int, int] | None:
-    """Tensor and storage reference counts, through private torch APIs (their behaviour is
-    checked by tests/moe); without them nothing is ever reused."""
+def _refs(t: Tensor) -> tuple[int, int, int] | None:
+    """Python, tensor and storage reference counts (the last two through private torch APIs,
+    whose behaviour tests/moe checks); without them nothing is ever reused."""
     try:
         uses: int = t._use_count()  # type: ignore[attr-defined]
-        return uses, torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+        storage: int = torch._C._storage_Use_Count(t.untyped_storage()._cdata)
     except AttributeError:
         return None
+    return sys.getrefcount(t), uses, storage
 
 
 class Workspace:
@@ -41,21 +43,23 @@ class Workspace:
         self._local = threading.local()
 
     def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        pools: dict[Any, list[tuple[Tensor, tuple[int, int] | None]]]
-        pools = self._local.__dict__.setdefault("pools", {})
+        pools: dict[Any, list[list[Any]]] = self._local.__dict__.setdefault("pools", {})
         pool = pools.setdefault((tuple(shape), like.dtype, like.device), [])
-        for buf, free in pool:
-            if free is not None and _refs(buf) == free:
+        for entry in pool:
+            buf = entry[0]  # counted like at creation: entry, this name, getrefcount's arg
+            if entry[1] is not None and _refs(buf) == entry[1]:
                 return buf
         buf = torch.empty(shape, dtype=like.dtype, device=like.device)
         if len(pool) < self.max_per_shape:
-            pool.append((buf, _refs(buf)))
+            entry = [buf, None]
+            pool.append(entry)
+            entry[1] = _refs(buf)
         return buf
 
     def nbytes(self) -> int:
         """Bytes this thread's pools hold."""
         pools = self._local.__dict__.get("pools", {})
-        return sum(b.nbytes for pool in pools.values() for b, _ in pool)
+        return sum(entry[0].nbytes for pool in pools.values() for entry in pool)
 
     def clear(self) -> None:
         self._local = threading.local()
