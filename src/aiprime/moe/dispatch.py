@@ -113,9 +113,40 @@ def plan_expert_choice(indices: Tensor, weights: Tensor, n_tokens: int) -> Dispa
     )
 
 
-def permute(x: Tensor, plan: DispatchPlan) -> Tensor:
-    """Rows of ``x`` ``[N, d]`` in expert-sorted order ``[S, d]``, one per kept assignment."""
-    return x.index_select(0, plan.token_idx)
+def permute(x: Tensor, plan: DispatchPlan, workspace: Workspace | None = None) -> Tensor:
+    """Rows of ``x`` ``[N, d]`` in expert-sorted order ``[S, d]``, one per kept assignment.
+
+    With a ``workspace`` (CPU) the rows are gathered into a reused buffer and the backward
+    is the gather-sum of :func:`unpermute` (no zero-filled ``[N, d]`` scatter target)."""
+    if workspace is None or x.shape[0] == 0:
+        return x.index_select(0, plan.token_idx)
+    idx, offsets = combine_index(plan, x.shape[0])
+    out: Tensor = _Gather.apply(x, plan.token_idx, idx, offsets, workspace)
+    return out
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        token_idx: Tensor,
+        idx: Tensor,
+        offsets: Tensor | None,
+        workspace: Workspace,
+    ) -> Tensor:
+        rows = workspace.take((token_idx.numel(), x.shape[-1]), x)
+        torch.index_select(x, 0, token_idx, out=rows)
+        ctx.save_for_backward(idx, offsets)
+        # autograd attaches history to an alias, never to the pooled buffer; the alias's
+        # hold on the storage is what keeps the buffer from reuse while a graph saves it
+        return rows.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        idx, offsets = ctx.saved_tensors
+        return F.embedding_bag(idx, grad.contiguous(), offsets, mode="sum"), None, None, None, None
 
 
 def combine_index(plan: DispatchPlan, n_tokens: int) -> tuple[Tensor, Tensor | None]:

@@ -199,14 +199,16 @@ class _SwiGLU(torch.autograd.Function):
     ) -> Tensor:
         f = gate_up.shape[-1] // 2
         gate, up = gate_up[:, :f], gate_up[:, f:]
-        h = F.silu(gate)
+        h = workspace.take(gate.shape, gate) if workspace else None
+        h = torch.ops.aten.silu.out(gate, out=h) if h is not None else F.silu(gate)
         h.mul_(up)
         if scale is not None:
             scale = scale.to(h.dtype).unsqueeze(-1)
             h.mul_(scale)
         ctx.save_for_backward(gate_up, scale)
         ctx.workspace = workspace
-        return h
+        # a pooled buffer leaves as an alias, so autograd's history never lands on it
+        return h.detach() if workspace else h
 
     @staticmethod
     @once_differentiable  # in-place arithmetic and reused buffers

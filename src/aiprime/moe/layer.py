@@ -89,8 +89,8 @@ class MoELayer(nn.Module):
 
             y = expert_parallel_forward(self.experts, flat, plan, self.ep_group)
         else:
-            xs = permute(flat, plan)
-            ws = self.experts.cpu_workspace()
+            ws = self.experts.cpu_workspace() if flat.device.type == "cpu" else None
+            xs = permute(flat, plan, ws)
             if flat.device.type == "cpu" and not self.experts.gates_hidden:
                 # the gate multiply rides along in the un-permute's gather-sum
                 y = unpermute(self.experts(xs, plan.offsets), plan, n, plan.weights, ws)
