@@ -1,14 +1,15 @@
-"""Reusable CPU buffers for the MoE layer's large per-step gradients.
+"""Reusable CPU buffers for the MoE layer's large per-step tensors.
 
 PyTorch has no caching allocator on CPU: every multi-MiB tensor is a fresh ``mmap`` from
 glibc (above 32 MiB always), paid in page faults on first write and ``munmap`` on free. A
-fine-grained layer's backward makes several ``[N·k, ·]`` gradient buffers per step, so
-reusing them is worth a few percent of the layer's time. A buffer is handed out again only
-when nothing else holds it (its Python, tensor and storage reference counts are back to what
-they were when it was made), so a graph that is still alive, a second call of the same layer in
-one step, or another thread never sees its buffer overwritten; it then gets a fresh one.
-Only gradients returned from ``backward`` come from here, never a forward output that
-autograd would attach history to.
+fine-grained layer makes several ``[N·k, ·]`` buffers per step (the gathered inputs, the
+SwiGLU output, two gradients), so reusing them is worth several percent of its time. A buffer
+is handed out again only when nothing else holds it (its Python, tensor and storage
+reference counts are back to what they were when it was made), so a graph that still saves
+it, a second call of the same layer in one step, or another thread never sees it
+overwritten; they get a fresh one. Forward results leave as ``detach()`` aliases, so
+autograd's history is attached to the alias, never to the pooled tensor, and the alias's
+hold on the storage is what marks the buffer as in use.
 """
 
 from __future__ import annotations
