@@ -241,3 +241,17 @@ def test_cpu_workspace_reuses_free_buffers_only() -> None:
         ptrs.append(sorted(e[0].data_ptr() for pool in ws._local.pools.values() for e in pool))
     assert len(ptrs[0]) == 5 and ptrs[0] == ptrs[1] == ptrs[2]
     assert copy.deepcopy(layers[0]).experts.workspace is ws
+
+
+def test_cpu_workspace_across_inference_mode_and_training() -> None:
+    # buffers made under inference_mode are inference tensors, which training cannot write
+    layer = _make(**MODES["fine_grained"])  # type: ignore[arg-type]
+    x = torch.randn(12, 16)
+    with torch.inference_mode():
+        expected, _ = layer(x)
+    y, _ = layer(x.clone().requires_grad_(True))
+    y.sum().backward()
+    with torch.inference_mode():
+        again, _ = layer(x)
+    torch.testing.assert_close(y.detach(), expected)
+    torch.testing.assert_close(again, expected)

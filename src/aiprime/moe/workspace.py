@@ -45,7 +45,9 @@ class Workspace:
 
     def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         pools: dict[Any, list[list[Any]]] = self._local.__dict__.setdefault("pools", {})
-        pool = pools.setdefault((tuple(shape), like.dtype, like.device), [])
+        # tensors made under inference_mode cannot be written outside it: separate pools
+        key = (tuple(shape), like.dtype, like.device, torch.is_inference_mode_enabled())
+        pool = pools.setdefault(key, [])
         for entry in pool:
             buf = entry[0]  # counted like at creation: entry, this name, getrefcount's arg
             if entry[1] is not None and _refs(buf) == entry[1]:
