@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from aiprime.config import load_settings
+from aiprime.plots import pyplot, save
 from aiprime.routing.domains import DOMAINS, LabelledQuery, load_queries
 from aiprime.routing.router import QueryRouter
 from aiprime.store import Hit
@@ -439,10 +440,7 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def plot_cost(res: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the routing evaluation plots")
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     f = res["fractions"]
@@ -480,17 +478,11 @@ def plot_cost(res: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def plot_drift(res: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the routing evaluation plots")
 
     w = res["window"]
     fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
@@ -515,17 +507,11 @@ def plot_drift(res: dict[str, Any], path: Path) -> Path:
     axes[1].legend(fontsize=7, ncol=4)
     axes[2].set_xlabel("queries in the stream (mix shifts at the dashed line)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def plot_domains(res: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the routing evaluation plots")
 
     systems = list(res["systems"])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [3, 2]})
@@ -544,7 +530,4 @@ def plot_domains(res: dict[str, Any], path: Path) -> Path:
     a2.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Domain experts: router accuracy {res['router']['accuracy_top1']:.3f}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=120)

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from aiprime.plots import pyplot, save
+
 from .inspect import ExpertProfile, RunSummary, summarize_run
 from .train import read_metrics
 
@@ -63,19 +65,6 @@ class RunGroup:
     @property
     def is_moe(self) -> bool:
         return any(r.get("expert_load") for m in self.metrics for r in m)
-
-
-def _require_matplotlib() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError(
-            "aiprime moe report needs matplotlib: pip install 'aiprime[plots]'"
-        ) from None
-    matplotlib.use("Agg")  # no display needed; must precede pyplot's first import
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def load_groups(run_dirs: list[Path]) -> list[RunGroup]:
@@ -116,7 +105,7 @@ def mean_std_curve(metrics: list[list[dict[str, Any]]], key: str, x_key: str = "
 
 def plot_losses(groups: list[RunGroup], path: Path) -> Path:
     """Train (left) and validation (right) loss vs tokens seen, mean +- std per group."""
-    plt = _require_matplotlib()
+    plt = pyplot("aiprime moe report")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, title in ((axes[0], "train_loss", "train"), (axes[1], "val_loss", "validation")):
         for i, g in enumerate(groups):
@@ -146,9 +135,7 @@ def plot_losses(groups: list[RunGroup], path: Path) -> Path:
         axes[0].set_ylim(y0 - pad, y1 + pad)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)
 
 
 def load_matrix(counts: list[Tensor]) -> Tensor:
@@ -161,7 +148,7 @@ def load_matrix(counts: list[Tensor]) -> Tensor:
 def plot_expert_load(load: Tensor, path: Path, title: str) -> Path:
     """Heatmap of :func:`load_matrix` with the shares written in the cells; the colour
     scale is centred on the perfectly balanced share ``1/E`` so imbalance stands out."""
-    plt = _require_matplotlib()
+    plt = pyplot("aiprime moe report")
     from matplotlib.colors import TwoSlopeNorm
 
     n_layers, n_exp = load.shape
@@ -180,9 +167,7 @@ def plot_expert_load(load: Tensor, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label=f"token share, % in cells (balanced = {fair:.1%})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110)
 
 
 def training_load(records: list[dict[str, Any]]) -> tuple[list[int], Tensor]:
@@ -200,7 +185,7 @@ def plot_training_load(records: list[dict[str, Any]], path: Path, title: str) ->
     steps, loads = training_load(records)
     if not steps:
         return None
-    plt = _require_matplotlib()
+    plt = pyplot("aiprime moe report")
     from matplotlib.colors import TwoSlopeNorm
 
     n_layers, n_exp, _ = loads.shape
@@ -223,9 +208,7 @@ def plot_training_load(records: list[dict[str, Any]], path: Path, title: str) ->
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title(title, fontsize=9)
     fig.colorbar(im, ax=axes[:, 0].tolist(), label=f"load (balanced = {fair:.1%})")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _md_token(t: str) -> str:
