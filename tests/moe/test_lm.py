@@ -388,43 +388,36 @@ def test_inspect_and_compare(smoke: TrainConfig, tmp_path: Path) -> None:
     assert g["runs"] == 2 and g["val_loss_std"] is not None and g["val_loss_std"] > 0
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_data_parallel_two_processes_resume_exactly(tmp_path: Path) -> None:
+def _ddp_check(tmp_path: Path, out: str, *extra: str, timeout: int) -> str:
+    """Run ``aiprime.moe.lm.ddp_check`` on 2 gloo processes; its stdout."""
     text = tmp_path / "input.txt"
     text.write_text(TEXT, encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "aiprime.moe.lm.ddp_check", "--config", str(CONFIGS / "smoke.toml"),
-        "--text", str(text), "--out", str(tmp_path / "ddp"),
+        "--text", str(text), "--out", str(tmp_path / out), *extra,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0 and "DDP OK" in proc.stdout:
         # the check passed but gloo can abort while tearing down TCP pairs: retry once
-        shutil.rmtree(tmp_path / "ddp")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        shutil.rmtree(tmp_path / out)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "DDP OK world=2" in proc.stdout
+    return proc.stdout
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_data_parallel_two_processes_resume_exactly(tmp_path: Path) -> None:
+    assert "DDP OK world=2" in _ddp_check(tmp_path, "ddp", timeout=240)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_expert_parallel_two_processes_match_data_parallel(tmp_path: Path) -> None:
     """EP training (experts sharded over 2 processes) resumes exactly, equals DP training
     up to float order, and checkpoints the full single-process layout (ddp_check asserts)."""
-    text = tmp_path / "input.txt"
-    text.write_text(TEXT, encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "aiprime.moe.lm.ddp_check", "--config", str(CONFIGS / "smoke.toml"),
-        "--text", str(text), "--out", str(tmp_path / "ep"), "--expert-parallel",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    if proc.returncode != 0 and "DDP OK" in proc.stdout:
-        shutil.rmtree(tmp_path / "ep")  # gloo teardown abort after success: retry once
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "EP-LM OK world=2" in proc.stdout
+    stdout = _ddp_check(tmp_path, "ep", "--expert-parallel", timeout=300)
+    assert "EP-LM OK world=2" in stdout
     model, _ = load_for_inference(tmp_path / "ep" / "straight")  # loads in one process
     moe = [m for m in model.modules() if isinstance(m, MoELayer)]
     assert moe and all(m.experts.n_experts == 4 for m in moe)
