@@ -5,7 +5,7 @@ Everything is vectorised (argsort + cumulative counts); there is no loop over ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,8 @@ class DispatchPlan:
     # row ``s``, so un-permuting is a scatter and a sum over the k slots (no atomics)
     slots: Tensor | None = None
     top_k: int = 0
+    # combine_index's result, computed once for the gather and the un-permute
+    _combine: tuple[Tensor, Tensor | None] | None = field(default=None, repr=False)
 
     @property
     def dropped_fraction(self) -> Tensor:
@@ -156,13 +158,16 @@ def combine_index(plan: DispatchPlan, n_tokens: int) -> tuple[Tensor, Tensor | N
     ``[N, k]``, with no offsets. Otherwise (capacity, expert choice) tokens own 0..E rows:
     a stable sort of ``token_idx`` and the start of each token's bag.
     """
-    if plan.slots is not None and plan.slots.numel() == n_tokens * plan.top_k:
-        inv = torch.empty_like(plan.slots)
-        inv[plan.slots] = torch.arange(plan.slots.numel(), device=inv.device)
-        return inv.view(n_tokens, plan.top_k), None
-    order = torch.argsort(plan.token_idx, stable=True)
-    per_token = expert_counts(plan.token_idx, n_tokens)
-    return order, torch.cumsum(per_token, 0) - per_token
+    if plan._combine is None:
+        if plan.slots is not None and plan.slots.numel() == n_tokens * plan.top_k:
+            inv = torch.empty_like(plan.slots)
+            inv[plan.slots] = torch.arange(plan.slots.numel(), device=inv.device)
+            plan._combine = inv.view(n_tokens, plan.top_k), None
+        else:
+            order = torch.argsort(plan.token_idx, stable=True)
+            per_token = expert_counts(plan.token_idx, n_tokens)
+            plan._combine = order, torch.cumsum(per_token, 0) - per_token
+    return plan._combine
 
 
 def unpermute(

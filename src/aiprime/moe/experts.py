@@ -235,13 +235,13 @@ def swiglu(
     gate_up: Tensor, scale: Tensor | None = None, workspace: Workspace | None = None
 ) -> Tensor:
     """``silu(gate_up[:, :f]) * gate_up[:, f:]``, optionally times ``scale[:, None]``; the
-    input gradient is written into ``workspace`` when given."""
+    output and the input gradient are written into ``workspace`` buffers when given."""
     out: Tensor = _SwiGLU.apply(gate_up, scale, workspace)
     return out
 
 
-# One pool for every layer: their backward passes run one after another, so a model holds
-# about one buffer per gradient shape, not one per layer.
+# One pool for every layer: their backward passes run one after another, so the gradient
+# buffers are shared by all layers (forward buffers: up to the pool's cap per shape).
 CPU_WORKSPACE = Workspace()
 
 
@@ -269,7 +269,7 @@ class GroupedExperts(nn.Module):
         self.reset_parameters()
 
     def cpu_workspace(self) -> Workspace | None:
-        """Buffers reused across steps for the large CPU gradients (eager mode only)."""
+        """The pool of large CPU buffers reused across steps (eager mode only)."""
         return None if torch.compiler.is_compiling() else self.workspace
 
     @property
