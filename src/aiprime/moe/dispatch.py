@@ -199,8 +199,9 @@ def gather_sum(
     """:func:`unpermute` as one ``embedding_bag``: a gather-sum per token, with the gates as
     per-sample weights. It writes only the ``[N, d]`` result; on CPU, where every fresh large
     buffer is paid in page faults, that beats :func:`scatter_sum`'s two ``[S, d]`` buffers
-    per forward and backward (fine-grained benchmark shape: 73 -> 26 ms fwd+bwd). The
-    backward gathers the output gradient back to the rows, into ``workspace`` when given."""
+    per forward and backward (fine-grained benchmark shape: 64 -> 20 ms fwd+bwd,
+    ``benchmarks/moe_parts.py``). The backward gathers the output gradient back to the rows,
+    into ``workspace`` when given."""
     idx, offsets = combine_index(plan, n_tokens)
     out: Tensor = _GatherSum.apply(y, weights, idx, offsets, plan.token_idx, workspace)
     return out
