@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aiprime.config import load_settings
 from aiprime.embed import (
@@ -15,7 +17,7 @@ from aiprime.embed import (
     load_embedder,
     resolve_model_path,
 )
-from aiprime.embed.onnx import OnnxEmbedder, _pooling_mode
+from aiprime.embed.onnx import OnnxEmbedder, _pooling_mode, length_batches
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -94,6 +96,44 @@ def test_long_input_is_truncated_not_an_error(minilm_onnx) -> None:
     out = minilm_onnx.encode(["word " * 2000])
     assert out.shape == (1, 384)
     assert minilm_onnx.count_tokens(["word " * 2000]) == [2000]
+
+
+def test_onnx_tokenizes_like_transformers(minilm_onnx, minilm_dir: Path) -> None:
+    """The Rust fast path gives exactly the ids transformers would, truncation included."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir))
+    texts = [*SENTENCES, "word " * 2000, "x" * 5000, "two\n\nparagraphs"]
+    ids, types = minilm_onnx._tokenize(texts)
+    ref = tok(texts, truncation=True, max_length=minilm_onnx.max_seq_length)
+    assert ids == ref["input_ids"] and types == ref["token_type_ids"]
+    assert max(len(x) for x in ids) == minilm_onnx.max_seq_length == 256
+
+
+def test_onnx_graph_takes_no_mask_and_matches_torch_on_long_text(minilm_onnx, minilm_torch):
+    # batches hold one token length, so the graph needs (and has) no attention mask
+    assert {i.name for i in minilm_onnx.session.get_inputs()} == {"input_ids", "token_type_ids"}
+    texts = ["word " * 2000, "short", "a bit longer sentence here", "another one"]
+    assert cosines(minilm_onnx.encode(texts), minilm_torch.encode(texts)).min() > 0.999
+
+
+@given(
+    lengths=st.lists(st.integers(1, 12), max_size=60),
+    max_batch=st.integers(1, 8),
+)
+def test_length_batches(lengths: list[int], max_batch: int) -> None:
+    batches = length_batches(lengths, max_batch)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))  # every text exactly once
+    for b in batches:
+        assert 1 <= len(b) <= max_batch
+        assert len({lengths[i] for i in b}) == 1  # nothing to pad
+    firsts = [lengths[b[0]] for b in batches]
+    assert firsts == sorted(firsts)
+    # only the last batch of each length may be short
+    for n in set(lengths):
+        sizes = [len(b) for b in batches if lengths[b[0]] == n]
+        assert all(x == max_batch for x in sizes[:-1])
 
 
 def test_export_is_cached(minilm_dir: Path, models_dir: Path, minilm_onnx) -> None:

@@ -30,6 +30,9 @@ class Chunk:
     start: int
     end: int
     page: int = -1
+    # The chunker's count of content tokens (title and text, no special tokens): lets
+    # ingest embed in batches of equal length without tokenising again; 0 when unknown.
+    tokens: int = 0
 
     @property
     def content(self) -> str:
@@ -78,9 +81,10 @@ class Chunker:
         """Identifies the chunking rules and sizes; stored with each file's version."""
         return f"chunker-v1|{self.size}|{self.overlap}"
 
-    def _units(self, doc: Document, blocks: Sequence[Block]) -> list[_Unit]:
+    def _units(self, doc: Document, blocks: Sequence[Block], ctx: str) -> tuple[list[_Unit], int]:
+        """The packing units of a section, and the token count of its context line."""
         text = doc.text
-        counts = self.count([text[b.start : b.end] for b in blocks])
+        ctx_tokens, *counts = self.count([ctx, *(text[b.start : b.end] for b in blocks)])
         units: list[_Unit] = []
         for p, (b, n) in enumerate(zip(blocks, counts, strict=True)):
             if n <= self.size:
@@ -107,7 +111,7 @@ class Chunker:
                     cur_n += wn
                     last_e = z
                 units.append(_Unit(cur_s, last_e, cur_n, p))
-        return units
+        return units, ctx_tokens
 
     def _cut_word(self, text: str, start: int, end: int) -> list[tuple[int, int, int]]:
         """Cut one whitespace-free run (a hash, a URL) longer than the budget by characters."""
@@ -125,13 +129,14 @@ class Chunker:
             pos = lo
         return out
 
-    def _pack(self, units: list[_Unit]) -> list[tuple[int, int]]:
-        spans: list[tuple[int, int]] = []
+    def _pack(self, units: list[_Unit]) -> list[tuple[int, int, int]]:
+        """(start, end, tokens) of each chunk."""
+        spans: list[tuple[int, int, int]] = []
         cur: list[_Unit] = []
         total = 0
         for u in units:
             if cur and total + u.tokens > self.size:
-                spans.append((cur[0].start, cur[-1].end))
+                spans.append((cur[0].start, cur[-1].end, total))
                 # Overlap only inside a paragraph that was cut: a paragraph break is
                 # already a clean boundary, repeating text across it only adds noise.
                 keep: list[_Unit] = []
@@ -147,7 +152,7 @@ class Chunker:
             cur.append(u)
             total += u.tokens
         if cur:
-            spans.append((cur[0].start, cur[-1].end))
+            spans.append((cur[0].start, cur[-1].end, total))
         return spans
 
     def split(self, doc: Document) -> list[Chunk]:
@@ -164,9 +169,20 @@ class Chunker:
             ctx = " › ".join(h for h in (doc.title, *heading) if h)
             if heading and heading[0] == doc.title:
                 ctx = " › ".join(h for h in heading if h)
-            for s, e in self._pack(self._units(doc, blocks)):
+            units, ctx_tokens = self._units(doc, blocks, ctx)
+            for s, e, n in self._pack(units):
                 page = next((b.page for b in blocks if b.start <= s < b.end + 1), -1)
                 chunks.append(
-                    Chunk(doc.source, doc.doc_id, len(chunks), ctx, doc.text[s:e], s, e, page)
+                    Chunk(
+                        doc.source,
+                        doc.doc_id,
+                        len(chunks),
+                        ctx,
+                        doc.text[s:e],
+                        s,
+                        e,
+                        page,
+                        tokens=ctx_tokens + n,
+                    )
                 )
         return chunks

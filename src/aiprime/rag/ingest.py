@@ -149,10 +149,11 @@ class Ingestor:
         chunks = [c for _, _, cs in pending for c in cs]
         prog.chunks_total(len(chunks))
         misses_before = getattr(self.embedder, "misses", None)
-        # Embed in length order across the whole batch: slices of similar length pad
-        # little, and the progress bar still moves slice by slice.
+        # Embed in token-length order across the whole batch: each slice then holds
+        # chunks of nearly equal length, which the embedder batches without padding, and
+        # the progress bar still moves slice by slice.
         texts = [c.content for c in chunks]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        order = sorted(range(len(texts)), key=lambda i: (chunks[i].tokens, len(texts[i])))
         vectors = np.empty((len(texts), self.embedder.dim), dtype=np.float32)
         for i in range(0, len(order), self.embed_batch):
             idx = order[i : i + self.embed_batch]
