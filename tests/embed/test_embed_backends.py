@@ -201,35 +201,56 @@ def test_load_embedder_uses_settings(tmp_path: Path, minilm_dir: Path, monkeypat
 # -- any sentence-transformers model from a local path ---------------------------------
 
 
-@pytest.fixture(scope="module", params=["mean", "cls"])
+@pytest.fixture(scope="module", params=[("bert", "mean"), ("bert", "cls"), ("distilbert", "mean")])
 def tiny_st_model(request, tmp_path_factory, minilm_dir: Path) -> Path:
-    """A 2-layer, 32-d BERT saved as a sentence-transformers model with the given pooling."""
+    """A 2-layer, 32-d BERT (or DistilBERT: no token type ids) saved as a
+    sentence-transformers model with the given pooling."""
     import torch
     from sentence_transformers import SentenceTransformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+        DistilBertConfig,
+        DistilBertModel,
+    )
 
     try:
         from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.models import Pooling, Transformer
 
-    root = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    arch, pooling = request.param
+    root = tmp_path_factory.mktemp(f"tiny-{arch}-{pooling}")
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(cfg).save_pretrained(root / "hf")
+    if arch == "bert":
+        BertModel(
+            BertConfig(
+                vocab_size=tok.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=128,
+            )
+        ).save_pretrained(root / "hf")
+    else:
+        DistilBertModel(
+            DistilBertConfig(
+                vocab_size=tok.vocab_size,
+                dim=32,
+                n_layers=2,
+                n_heads=2,
+                hidden_dim=64,
+                max_position_embeddings=128,
+            )
+        ).save_pretrained(root / "hf")
     tok.save_pretrained(root / "hf")
     st = SentenceTransformer(
-        modules=[Transformer(str(root / "hf"), max_seq_length=64), Pooling(32, request.param)]
+        modules=[Transformer(str(root / "hf"), max_seq_length=64), Pooling(32, pooling)]
     )
-    out = root / f"tiny-st-{request.param}"
+    out = root / f"tiny-{arch}-st-{pooling}"
     st.save(str(out))
     return out
 

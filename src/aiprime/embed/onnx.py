@@ -9,6 +9,7 @@ of one token length, so no position is padding and the graph has no attention ma
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -108,20 +109,23 @@ def export_onnx(model_dir: Path, out_path: Path, quantize: bool) -> Path:
     except (TypeError, ValueError):
         model = AutoModel.from_pretrained(str(model_dir)).eval()
 
+    # Models without segment embeddings (DistilBERT, say) take no token_type_ids.
+    inputs = [k for k in _INPUTS if k in inspect.signature(model.forward).parameters]
+
     class _Wrapped(torch.nn.Module):
         def __init__(self, m: torch.nn.Module) -> None:
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-            h = self.m(input_ids=input_ids, token_type_ids=token_type_ids).last_hidden_state
+        def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+            h = self.m(**dict(zip(inputs, tensors, strict=True))).last_hidden_state
             e = h[:, 0] if pooling == "cls" else h.mean(1)
             return torch.nn.functional.normalize(e, dim=-1)
 
     sample = tok(["export sample", "export sample"], return_tensors="pt")
     if "token_type_ids" not in sample:
         sample["token_type_ids"] = torch.zeros_like(sample["input_ids"])
-    dyn: dict[str, Any] = {k: {0: "batch", 1: "seq"} for k in _INPUTS}
+    dyn: dict[str, Any] = {k: {0: "batch", 1: "seq"} for k in inputs}
     dyn["embedding"] = {0: "batch"}
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
@@ -129,9 +133,9 @@ def export_onnx(model_dir: Path, out_path: Path, quantize: bool) -> Path:
             warnings.simplefilter("ignore")  # tracer chatter about constant shapes
             torch.onnx.export(
                 _Wrapped(model),
-                tuple(sample[k] for k in _INPUTS),
+                tuple(sample[k] for k in inputs),
                 str(raw),
-                input_names=list(_INPUTS),
+                input_names=inputs,
                 output_names=["embedding"],
                 dynamic_axes=dyn,
                 opset_version=17,
