@@ -31,21 +31,10 @@ from aiprime.moe.lm import (
 )
 from aiprime.moe.lm.train import TrainConfig, lr_at, read_metrics
 
+from .lm_common import TEXT, one_thread  # noqa: F401 (autouse fixture)
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "moe"
-TEXT = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n"
-) * 20
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest and robust to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(moe_every: int = 1, **kw: object) -> ModelConfig:

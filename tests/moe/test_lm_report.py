@@ -23,22 +23,12 @@ from aiprime.moe.lm.report import (
 )
 from aiprime.moe.lm.train import TrainConfig, read_metrics
 
+from .lm_common import TEXT, one_thread  # noqa: F401 (autouse fixture)
+
 pytest.importorskip("matplotlib")
 
 REPO = Path(__file__).resolve().parents[2]
-TEXT = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n"
-) * 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _smoke(tmp_path: Path) -> TrainConfig:

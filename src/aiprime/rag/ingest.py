@@ -151,9 +151,12 @@ class Ingestor:
         misses_before = getattr(self.embedder, "misses", None)
         # Embed in token-length order across the whole batch: each slice then holds
         # chunks of nearly equal length, which the embedder batches without padding, and
-        # the progress bar still moves slice by slice.
+        # the progress bar still moves slice by slice. Longest first, so the bar's time
+        # estimate errs long rather than short.
         texts = [c.content for c in chunks]
-        order = sorted(range(len(texts)), key=lambda i: (chunks[i].tokens, len(texts[i])))
+        order = sorted(
+            range(len(texts)), key=lambda i: (chunks[i].tokens, len(texts[i])), reverse=True
+        )
         vectors = np.empty((len(texts), self.embedder.dim), dtype=np.float32)
         for i in range(0, len(order), self.embed_batch):
             idx = order[i : i + self.embed_batch]
