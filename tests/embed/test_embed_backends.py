@@ -224,28 +224,20 @@ def tiny_st_model(request, tmp_path_factory, minilm_dir: Path) -> Path:
     root = tmp_path_factory.mktemp(f"tiny-{arch}-{pooling}")
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
     torch.manual_seed(0)
-    if arch == "bert":
-        BertModel(
-            BertConfig(
-                vocab_size=tok.vocab_size,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-                max_position_embeddings=128,
-            )
-        ).save_pretrained(root / "hf")
-    else:
-        DistilBertModel(
-            DistilBertConfig(
-                vocab_size=tok.vocab_size,
-                dim=32,
-                n_layers=2,
-                n_heads=2,
-                hidden_dim=64,
-                max_position_embeddings=128,
-            )
-        ).save_pretrained(root / "hf")
+    model_cls, config_cls, sizes = {
+        "bert": (
+            BertModel,
+            BertConfig,
+            dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        ),
+        "distilbert": (
+            DistilBertModel,
+            DistilBertConfig,
+            dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+        ),
+    }[arch]
+    config = config_cls(vocab_size=tok.vocab_size, max_position_embeddings=128, **sizes)
+    model_cls(config).save_pretrained(root / "hf")
     tok.save_pretrained(root / "hf")
     st = SentenceTransformer(
         modules=[Transformer(str(root / "hf"), max_seq_length=64), Pooling(32, pooling)]

@@ -270,12 +270,11 @@ class OnnxEmbedder:
     def _run(self, ids: list[list[int]], types: list[list[int]]) -> np.ndarray:
         """One batch of equal-length texts (exports of older versions also take a mask)."""
         input_ids = np.asarray(ids, dtype=np.int64)
-        feeds = {
-            "input_ids": input_ids,
-            "token_type_ids": np.asarray(types, dtype=np.int64),
-            "attention_mask": np.ones_like(input_ids),
-        }
-        feeds = {k: v for k, v in feeds.items() if k in self._inputs}
+        feeds = {"input_ids": input_ids}
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = np.asarray(types, dtype=np.int64)
+        if "attention_mask" in self._inputs:
+            feeds["attention_mask"] = np.ones_like(input_ids)
         return np.asarray(self.session.run(None, feeds)[0], dtype=np.float32)
 
     def encode(
