@@ -110,6 +110,16 @@ def test_onnx_tokenizes_like_transformers(minilm_onnx, minilm_dir: Path) -> None
     assert max(len(x) for x in ids) == minilm_onnx.max_seq_length == 256
 
 
+def test_huge_calls_are_encoded_block_by_block(minilm_onnx, monkeypatch) -> None:
+    """Tokenisation is bounded per block; the rows still land where they belong."""
+    texts = [*SENTENCES, "word " * 300, "short", "another short one"] * 2
+    whole = minilm_onnx.encode(texts)
+    monkeypatch.setattr(minilm_onnx, "block", 3)
+    blocked = minilm_onnx.encode(texts)
+    assert blocked.shape == whole.shape
+    assert cosines(blocked, whole).min() > 0.9999
+
+
 def test_onnx_graph_takes_no_mask_and_matches_torch_on_long_text(minilm_onnx, minilm_torch):
     # batches hold one token length, so the graph needs (and has) no attention mask
     assert {i.name for i in minilm_onnx.session.get_inputs()} == {"input_ids", "token_type_ids"}

@@ -209,6 +209,8 @@ class OnnxEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.max_seq_length = min(max_seq_length, self.tokenizer.model_max_length or max_seq_length)
         self.batch_size = batch_size
+        # Texts tokenised and length-grouped together; 4,096 keeps batches full (SciFact).
+        self.block = 4096
         self.model_id = model_id
         self.cache_id = f"{model_id}|{Path(onnx_path).stem}"
         self._inputs = {i.name for i in self.session.get_inputs()}
@@ -280,12 +282,15 @@ class OnnxEmbedder:
     def encode(
         self, texts: Sequence[str], batch_size: int | None = None, show_progress: bool = False
     ) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        ids, types = self._tokenize(list(texts))
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        for idx in length_batches([len(x) for x in ids], batch_size or self.batch_size):
-            out[idx] = self._run([ids[i] for i in idx], [types[i] for i in idx])
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        # A block at a time, so one huge call (a million texts through LangChain's
+        # embed_documents, say) never holds every tokenisation in memory at once.
+        for start in range(0, len(texts), self.block):
+            ids, types = self._tokenize(texts[start : start + self.block])
+            for idx in length_batches([len(x) for x in ids], batch_size or self.batch_size):
+                rows = [start + i for i in idx]
+                out[rows] = self._run([ids[i] for i in idx], [types[i] for i in idx])
         return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
