@@ -130,20 +130,45 @@ def test_onnx_graph_takes_no_mask_and_matches_torch_on_long_text(minilm_onnx, mi
 @given(
     lengths=st.lists(st.integers(1, 12), max_size=60),
     max_batch=st.integers(1, 8),
+    max_tokens=st.one_of(st.none(), st.integers(1, 40)),
 )
-def test_length_batches(lengths: list[int], max_batch: int) -> None:
-    batches = length_batches(lengths, max_batch)
+def test_length_batches(lengths: list[int], max_batch: int, max_tokens: int | None) -> None:
+    batches = length_batches(lengths, max_batch, max_tokens)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))  # every text exactly once
     for b in batches:
-        assert 1 <= len(b) <= max_batch
+        n = lengths[b[0]]
         assert len({lengths[i] for i in b}) == 1  # nothing to pad
+        cap = max_batch if max_tokens is None else max(1, min(max_batch, max_tokens // n))
+        assert 1 <= len(b) <= cap  # a text longer than the token cap still gets a batch
     firsts = [lengths[b[0]] for b in batches]
     assert firsts == sorted(firsts)
     # only the last batch of each length may be short
     for n in set(lengths):
         sizes = [len(b) for b in batches if lengths[b[0]] == n]
-        assert all(x == max_batch for x in sizes[:-1])
+        cap = max_batch if max_tokens is None else max(1, min(max_batch, max_tokens // n))
+        assert all(x == cap for x in sizes[:-1])
+
+
+def test_workers_and_token_budget_never_change_the_vectors(minilm_dir: Path, models_dir) -> None:
+    """Many small batches over two workers give, row for row, what one big batch gives."""
+    texts = [*SENTENCES, "word " * 300, "short", "another short one", "short"] * 3
+
+    def emb(threads: int, batch_tokens: int) -> OnnxEmbedder:
+        return OnnxEmbedder.from_pretrained(
+            minilm_dir,
+            export_dir=models_dir / "onnx",
+            quantize=False,
+            threads=threads,
+            batch_tokens=batch_tokens,
+        )
+
+    one = emb(1, 1_000_000)
+    two = emb(2, 8)
+    assert one.workers == 1 and two.workers == 2
+    ref = one.encode(texts)
+    assert cosines(two.encode(texts), ref).min() > 0.9999
+    assert cosines(two.encode(texts, batch_size=1), ref).min() > 0.9999
 
 
 def test_export_is_cached(minilm_dir: Path, models_dir: Path, minilm_onnx) -> None:

@@ -99,6 +99,7 @@ def load_embedder(settings: Settings, cached: bool = True) -> Embedder:
             batch_size=cfg.batch_size,
             threads=cfg.threads,
             name=model_name(cfg.model),
+            batch_tokens=cfg.batch_tokens,
         )
     if not cached:
         return emb
