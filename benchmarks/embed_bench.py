@@ -1,5 +1,9 @@
 """Embedding backends compared on the same texts, interleaved: torch vs ONNX vs ONNX int8.
 
+Two more int8 rows isolate the batching: ``onnx-int8-64texts`` runs batches of up to 64
+texts instead of 512 tokens, ``onnx-int8-1worker`` uses one core's worker instead of one
+per core.
+
 Each repetition runs every backend once over the same batch of chunks, in turn, so a
 noisy machine slows all of them alike; the median over repetitions is reported, with the
 cosine agreement of each backend with the torch reference.
@@ -58,10 +62,17 @@ def main() -> None:
     else:
         texts = demo_texts(args.n)
     home = Path(tempfile.mkdtemp(prefix="embed-bench-"))
-    backends = ("torch", "onnx", "onnx-int8")
+    configs: dict[str, dict[str, object]] = {
+        "torch": {"backend": "torch"},
+        "onnx": {"backend": "onnx"},
+        "onnx-int8": {"backend": "onnx-int8"},
+        "onnx-int8-64texts": {"backend": "onnx-int8", "batch_tokens": 1_000_000},
+        "onnx-int8-1worker": {"backend": "onnx-int8", "threads": 1},
+    }
+    backends = tuple(configs)
     emb = {
-        b: load_embedder(load_settings(home=home, embed={"backend": b}), cached=False)
-        for b in backends
+        b: load_embedder(load_settings(home=home, embed=cfg), cached=False)
+        for b, cfg in configs.items()
     }
     for e in emb.values():
         e.encode(texts[:8])  # warm-up
