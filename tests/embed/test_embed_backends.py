@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -169,6 +170,33 @@ def test_workers_and_token_budget_never_change_the_vectors(minilm_dir: Path, mod
     ref = one.encode(texts)
     assert cosines(two.encode(texts), ref).min() > 0.9999
     assert cosines(two.encode(texts, batch_size=1), ref).min() > 0.9999
+
+
+def _encode_in_child(emb: OnnxEmbedder, texts: list[str], q: Any) -> None:
+    q.put(emb.encode(texts))
+
+
+def test_workers_survive_fork(minilm_dir: Path, models_dir) -> None:
+    """A forked child (a server's worker, a DataLoader) gets its own pool, not a hang."""
+    import multiprocessing as mp
+
+    emb = OnnxEmbedder.from_pretrained(
+        minilm_dir, export_dir=models_dir / "onnx", quantize=False, threads=2, batch_tokens=8
+    )
+    texts = [*SENTENCES, "short", "another short one"]
+    ref = emb.encode(texts)  # the parent's pool now exists and has idle workers
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=_encode_in_child, args=(emb, texts, q))
+    child.start()
+    try:
+        got = q.get(timeout=60)  # the old shared pool hung here
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    assert cosines(got, ref).min() > 0.9999
 
 
 def test_export_is_cached(minilm_dir: Path, models_dir: Path, minilm_onnx) -> None:

@@ -226,7 +226,8 @@ class OnnxEmbedder:
 
         self.session = cpu_session(onnx_path, 1)
         self.workers = threads or os.cpu_count() or 1
-        self._pool = ThreadPoolExecutor(self.workers, "aiprime-onnx") if self.workers > 1 else None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.max_seq_length = min(max_seq_length, self.tokenizer.model_max_length or max_seq_length)
         self.batch_size = batch_size
@@ -238,6 +239,16 @@ class OnnxEmbedder:
         self._inputs = {i.name for i in self.session.get_inputs()}
         self._fast, self._counter = self._rust_tokenizers()
         self.dim = int(self.session.get_outputs()[0].shape[-1] or self._probe_dim())
+
+    def _executor(self) -> ThreadPoolExecutor | None:
+        """The worker pool, made on first use and made anew in a forked child: a parent's
+        threads do not survive ``fork``, and a pool that counts them as idle would hang."""
+        if self.workers == 1:
+            return None
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(self.workers, "aiprime-onnx")
+            self._pool_pid = os.getpid()
+        return self._pool
 
     def _rust_tokenizers(self) -> tuple[Any, Any]:
         """Own copies of the fast tokenizer: one truncating for the model, one counting.
@@ -317,7 +328,8 @@ class OnnxEmbedder:
             id_batches = [[ids[i] for i in b] for b in batches]
             type_batches = [[types[i] for i in b] for b in batches]
             # The workers take batches as they come free; map keeps the results in order.
-            runs = map if self._pool is None or len(batches) == 1 else self._pool.map
+            pool = self._executor() if len(batches) > 1 else None
+            runs = map if pool is None else pool.map
             for b, vecs in zip(batches, runs(self._run, id_batches, type_batches), strict=True):
                 out[[start + i for i in b]] = vecs
         return out
