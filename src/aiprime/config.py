@@ -85,8 +85,9 @@ class RerankSettings(BaseModel):
     ce_top_k: int = Field(20, ge=1, description="Candidates the cross-encoder rescores.")
     ce_max_length: int = Field(256, ge=16)
     ce_batch_size: int = Field(32, ge=1)
-    # "auto": torch on a GPU, else ONNX Runtime fp32 (same scores as torch, 1.8-2.1x faster on
-    # CPU); "onnx-int8" is 3.3x faster at -0.004 nDCG@10 on SciFact (docs/results.md).
+    # "auto": torch on a GPU, else ONNX Runtime fp32 (same scores as torch, 2.7x faster on
+    # CPU); "onnx-int8" is 5.8x faster at -0.0004 to -0.004 nDCG@10 on SciFact
+    # (docs/results.md).
     ce_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     mmr_lambda: float = Field(0.7, ge=0.0, le=1.0, description="1 = relevance only.")
     mmr_top_k: int = Field(10, ge=1, description="Results MMR selects; the rest follow.")

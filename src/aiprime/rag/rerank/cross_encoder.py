@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from aiprime.embed.onnx import SessionPool, length_batches
+
 if TYPE_CHECKING:
     from aiprime.store import Hit
 
@@ -67,11 +69,14 @@ class CrossEncoderModel:
         backend: str = "torch",
         export_dir: Path | None = None,
         threads: int = 0,
+        batch_tokens: int = 512,
     ) -> None:
         """``backend``: ``torch`` (any device), ``onnx`` / ``onnx-int8`` on the CPU via
         ONNX Runtime, or ``auto`` (torch on a GPU, else onnx). The export is cached in
         ``export_dir`` (default: beside the model), keyed by the checkpoint's files, so a
-        retrained model is exported again."""
+        retrained model is exported again. On ONNX, pairs run unpadded in batches of one
+        token length and at most ``batch_tokens`` tokens, one worker per core, as the
+        embedder does."""
         from transformers import AutoTokenizer
 
         if backend not in ("auto", "torch", "onnx", "onnx-int8"):
@@ -87,10 +92,11 @@ class CrossEncoderModel:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         meta = self.path / META_FILE
         self.meta: dict[str, Any] = json.loads(meta.read_text()) if meta.is_file() else {}
-        self.session: Any = None
+        self.batch_tokens = batch_tokens
+        self.runner: SessionPool | None = None
         if backend != "torch":
             self.device = "cpu"
-            self.session = _onnx_session(
+            self.runner = _onnx_runner(
                 self.path, export_dir or self.path / "onnx", backend == "onnx-int8", threads
             )
             return
@@ -118,25 +124,36 @@ class CrossEncoderModel:
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         """One relevance logit per passage (for two-class heads: the log-odds)."""
-        out: list[np.ndarray] = []
-        if self.session is not None:
-            names = {i.name for i in self.session.get_inputs()}
-            for enc in self._batches(query, passages, "np"):
-                feeds = {k: np.asarray(enc[k], dtype=np.int64) for k in names if k in enc}
-                if "token_type_ids" in names and "token_type_ids" not in feeds:
-                    feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-                out.append(np.asarray(self.session.run(None, feeds)[0], dtype=np.float32))
-        else:
-            import torch
+        if self.runner is not None:
+            enc = self.tokenizer(
+                [query] * len(passages),
+                list(passages),
+                truncation="only_second",
+                max_length=self.max_length,
+            )
+            ids, types = enc["input_ids"], enc.get("token_type_ids")
+            batches = length_batches([len(x) for x in ids], self.batch_size, self.batch_tokens)
+            feeds = [
+                self.runner.feed(
+                    [ids[i] for i in b], None if types is None else [types[i] for i in b]
+                )
+                for b in batches
+            ]
+            scores = np.empty(len(passages), dtype=np.float32)
+            for b, got in zip(batches, self.runner.run(feeds), strict=True):
+                scores[b] = got
+            return scores
+        import torch
 
-            with torch.inference_mode():
-                for enc in self._batches(query, passages, "pt"):
-                    logits = self.model(**enc.to(self.device)).logits.float()
-                    if logits.shape[-1] == 1:
-                        s = logits[:, 0]
-                    else:
-                        s = logits[:, -1] - torch.logsumexp(logits[:, :-1], dim=-1)
-                    out.append(s.cpu().numpy())
+        out: list[np.ndarray] = []
+        with torch.inference_mode():
+            for enc in self._batches(query, passages, "pt"):
+                logits = self.model(**enc.to(self.device)).logits.float()
+                if logits.shape[-1] == 1:
+                    s = logits[:, 0]
+                else:
+                    s = logits[:, -1] - torch.logsumexp(logits[:, :-1], dim=-1)
+                out.append(s.cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
@@ -193,13 +210,13 @@ def export_cross_encoder_onnx(model_dir: Path, out_path: Path, quantize: bool) -
     return out_path
 
 
-def _onnx_session(model_dir: Path, export_dir: Path, quantize: bool, threads: int) -> Any:
-    from aiprime.embed.onnx import _fingerprint, cpu_session
+def _onnx_runner(model_dir: Path, export_dir: Path, quantize: bool, threads: int) -> SessionPool:
+    from aiprime.embed.onnx import _fingerprint
 
     path = export_dir / f"ce-{_fingerprint(model_dir, quantize, 0)}.onnx"
     if not path.is_file():
         export_cross_encoder_onnx(model_dir, path, quantize)
-    return cpu_session(path, threads)
+    return SessionPool(path, threads)
 
 
 def _z(x: np.ndarray) -> np.ndarray:
