@@ -365,5 +365,8 @@ def test_cross_encoder_onnx_backends_match_torch(tiny_ce: Path, tmp_path: Path) 
     s8 = int8.score("what is insulin", passages)
     assert s8.shape == ref.shape and np.isfinite(s8).all()
     assert len(list(tmp_path.glob("ce-*.onnx"))) == 2  # one cached export per variant
+    for model in (fp32, int8):  # no passages, an empty one, a huge one
+        assert model.score("q", []).shape == (0,)
+        assert np.isfinite(model.score("q", ["", "word " * 5000])).all()
     with pytest.raises(ValueError, match="backend 'tf'"):
         CrossEncoderModel(tiny_ce, backend="tf")

@@ -250,6 +250,27 @@ class SessionPool:
         pool = self._executor() if len(feeds) > 1 else None
         return list(map(one, feeds) if pool is None else pool.map(one, feeds))
 
+    def run_unpadded(
+        self,
+        ids: list[list[int]],
+        types: list[list[int]] | None,
+        max_batch: int,
+        max_tokens: int | None,
+    ) -> np.ndarray:
+        """The first output for each token list, in input order, computed in batches of one
+        token length (``length_batches``), so nothing is padded."""
+        if not ids:
+            return np.zeros(0, dtype=np.float32)
+        batches = length_batches([len(x) for x in ids], max_batch, max_tokens)
+        feeds = [
+            self.feed([ids[i] for i in b], None if types is None else [types[i] for i in b])
+            for b in batches
+        ]
+        got = np.concatenate(self.run(feeds))
+        out = np.empty_like(got)
+        out[np.fromiter((i for b in batches for i in b), np.int64, len(ids))] = got
+        return out
+
 
 class OnnxEmbedder:
     """sentence-transformers-compatible ``encode`` on ONNX Runtime.
@@ -350,12 +371,9 @@ class OnnxEmbedder:
         # embed_documents, say) never holds every tokenisation in memory at once.
         for start in range(0, len(texts), self.block):
             ids, types = self._tokenize(texts[start : start + self.block])
-            batches = length_batches(
-                [len(x) for x in ids], batch_size or self.batch_size, self.batch_tokens
+            out[start : start + len(ids)] = self.runner.run_unpadded(
+                ids, types, batch_size or self.batch_size, self.batch_tokens
             )
-            feeds = [self.runner.feed([ids[i] for i in b], [types[i] for i in b]) for b in batches]
-            for b, vecs in zip(batches, self.runner.run(feeds), strict=True):
-                out[[start + i for i in b]] = vecs
         return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aiprime.embed.onnx import SessionPool, length_batches
+from aiprime.embed.onnx import SessionPool
 
 if TYPE_CHECKING:
     from aiprime.store import Hit
@@ -124,6 +124,8 @@ class CrossEncoderModel:
 
     def score(self, query: str, passages: Sequence[str]) -> np.ndarray:
         """One relevance logit per passage (for two-class heads: the log-odds)."""
+        if not passages:  # the tokenizer rejects an empty batch of pairs
+            return np.zeros(0, dtype=np.float32)
         if self.runner is not None:
             enc = self.tokenizer(
                 [query] * len(passages),
@@ -131,18 +133,9 @@ class CrossEncoderModel:
                 truncation="only_second",
                 max_length=self.max_length,
             )
-            ids, types = enc["input_ids"], enc.get("token_type_ids")
-            batches = length_batches([len(x) for x in ids], self.batch_size, self.batch_tokens)
-            feeds = [
-                self.runner.feed(
-                    [ids[i] for i in b], None if types is None else [types[i] for i in b]
-                )
-                for b in batches
-            ]
-            scores = np.empty(len(passages), dtype=np.float32)
-            for b, got in zip(batches, self.runner.run(feeds), strict=True):
-                scores[b] = got
-            return scores
+            return self.runner.run_unpadded(
+                enc["input_ids"], enc.get("token_type_ids"), self.batch_size, self.batch_tokens
+            )
         import torch
 
         out: list[np.ndarray] = []
